@@ -1,0 +1,372 @@
+"""The selective-feature encoder: one conv map -> one global vector (SPEC sections 2-7).
+
+``Encoder`` chains the stages, each a module of its own:
+
+    masks.compute_mask -> preprocessing.LocalPCA -> embeddings.Embedder
+    -> aggregation.aggregate -> postprocessing.postprocess (with a learned Rotation)
+
+``fit`` learns every parameter on a held-out set of feature maps, ``encode`` / ``encode_many`` apply
+them, ``save`` / ``load`` keep everything (config and learned arrays) in one ``.npz`` file holding no
+pickled code. All settings live in one serialisable ``EncoderConfig``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from selret import __version__
+from selret.aggregation import AGGREGATIONS, aggregate
+from selret.embeddings import KINDS as EMBEDDINGS
+from selret.embeddings import Embedder, embedding_dim
+from selret.features import FeatureMap
+from selret.masks import MASKS, compute_mask
+from selret.postprocessing import Rotation, l2_normalize, postprocess
+from selret.preprocessing import LocalPCA
+from selret.presets import DEFAULT_PRESET, preset
+
+ROTATIONS = ("rotation", "whitening", "none")
+FORMAT_VERSION = 1
+
+
+@dataclass
+class EncoderConfig:
+    """Every setting of the pipeline, from the backbone to the final dimension.
+
+    ``drop`` is the number of leading rotated components removed; None means the paper's choice:
+    128 for T-emb, d(d+1) for F-FAemb, 0 for VLAD and FV (and 0 without rotation). ``dim`` (the final
+    dimension D) follows from the rest.
+    """
+
+    weights: str = "vgg16-caffe"
+    layer: str = "pool5"
+    max_side: int = 1024
+    mask: str = "max"
+    d: int = 32
+    k: int = 20
+    embedding: str = "temb"
+    aggregation: str = "democratic"
+    alpha: float = 0.5
+    rotation: str = "rotation"
+    drop: int | None = None
+    seed: int = 0
+    kmeans_iters: int = 100
+    kmeans_restarts: int = 2
+    democratic_gamma: float = 0.5
+    democratic_iters: int = 10
+    # Bound on the local features used to learn PCA and the codebook (subsampled with the seed).
+    max_train_features: int = 1_000_000
+    preset: str | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        aggregation = {"demo": "democratic", "avg": "average", "mean": "average"}.get(self.aggregation, self.aggregation)
+        self.aggregation = aggregation
+        checks = (
+            ("mask", self.mask, MASKS),
+            ("embedding", self.embedding, EMBEDDINGS),
+            ("aggregation", self.aggregation, AGGREGATIONS),
+            ("rotation", self.rotation, ROTATIONS),
+        )
+        for name, value, valid in checks:
+            if value not in valid:
+                raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(valid)}")
+        if self.d < 1 or self.k < 1:
+            raise ValueError(f"d and k must be positive, got d={self.d}, k={self.k}")
+        if self.drop is not None and self.drop < 0:
+            raise ValueError(f"drop must be >= 0, got {self.drop}")
+        if self.rotation == "none" and self.drop:
+            raise ValueError("dropping leading components needs a rotation; set rotation or drop=0")
+        if self.effective_drop >= self.embedding_dim:
+            raise ValueError(f"drop={self.effective_drop} leaves nothing of {self.embedding_dim} dimensions")
+
+    @property
+    def embedding_dim(self) -> int:
+        return embedding_dim(self.embedding, self.k, self.d)
+
+    @property
+    def effective_drop(self) -> int:
+        if self.drop is not None:
+            return self.drop
+        if self.rotation == "none":
+            return 0
+        return {"temb": 128, "faemb": self.d * (self.d + 1)}.get(self.embedding, 0)
+
+    @property
+    def dim(self) -> int:
+        """Final dimension D of the encoded vectors."""
+        return self.embedding_dim - self.effective_drop
+
+    @classmethod
+    def from_preset(cls, name: str = DEFAULT_PRESET, **overrides) -> EncoderConfig:
+        fields = preset(name) | {k: v for k, v in overrides.items() if v is not None}
+        return cls(**fields, preset=name)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> EncoderConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown encoder config fields: {', '.join(sorted(unknown))}")
+        return cls(**data)
+
+
+MapSource = Sequence[FeatureMap] | Callable[[], Iterable[FeatureMap]]
+
+
+def _iterate(maps: MapSource) -> Iterable[FeatureMap]:
+    return maps() if callable(maps) else maps
+
+
+class Encoder:
+    """Feature maps -> global vectors, with learned parameters (scikit-learn style).
+
+    Learned state: ``pca_`` (LocalPCA), ``embedder_`` (codebook and embedding whitening),
+    ``rotation_`` (None when ``config.rotation == "none"``), ``n_train_images_``,
+    ``n_train_features_``, ``kept_fraction_`` (mean fraction of local features the mask kept on the
+    learning set).
+    """
+
+    def __init__(self, config: EncoderConfig | None = None, **overrides):
+        if config is None:
+            config = EncoderConfig(**overrides)
+        elif overrides:
+            config = dataclasses.replace(config, **overrides)
+        self.config = config
+        self.pca_: LocalPCA | None = None
+        self.embedder_: Embedder | None = None
+        self.rotation_: Rotation | None = None
+        self.n_train_images_ = 0
+        self.n_train_features_ = 0
+        self.kept_fraction_ = float("nan")
+        self._backbone = None
+
+    # ------------------------------------------------------------------ stages
+
+    @property
+    def dim(self) -> int:
+        return self.config.dim
+
+    def select(self, fmap: FeatureMap) -> np.ndarray:
+        """(n, K) local features the mask keeps."""
+        return fmap.local_features(compute_mask(self.config.mask, fmap))
+
+    # ------------------------------------------------------------------ learning
+
+    def fit(self, maps: MapSource, progress: bool = False) -> Encoder:
+        """Learn PCA, codebook, embedding whitening and rotation from held-out feature maps.
+
+        ``maps`` is a sequence of FeatureMap, or a callable returning a fresh iterable of them (it is
+        read twice: the maps of a large learning set need not fit in memory).
+        """
+        c = self.config
+        rng = np.random.default_rng(c.seed)
+        # Pass 1: the masked local features of every learning image (PCA'd later, so the d-dim
+        # copies are what stays in memory).
+        selected: list[np.ndarray] = []
+        fractions = []
+        for fmap in _tqdm(_iterate(maps), progress, "fit: local features"):
+            mask = compute_mask(c.mask, fmap)
+            fractions.append(float(mask.mean()))
+            selected.append(fmap.local_features(mask))
+        if not selected:
+            raise ValueError("cannot fit an encoder on zero feature maps")
+        total = sum(len(s) for s in selected)
+        if total < max(c.k, c.d):
+            raise ValueError(
+                f"the learning set gives {total} local features, fewer than needed for d={c.d}, k={c.k}; "
+                "use more learning images"
+            )
+        train = np.concatenate(selected)
+        if len(train) > c.max_train_features:
+            train = train[np.sort(rng.choice(len(train), c.max_train_features, replace=False))]
+        self.pca_ = LocalPCA(c.d, seed=c.seed).fit(train)
+        reduced = [self.pca_.transform(s) for s in selected]
+        train_reduced = np.concatenate(reduced)
+        if len(train_reduced) > c.max_train_features:
+            keep = np.sort(rng.choice(len(train_reduced), c.max_train_features, replace=False))
+            train_reduced = train_reduced[keep]
+        self.embedder_ = Embedder(
+            c.embedding,
+            c.k,
+            seed=c.seed,
+            n_iter=c.kmeans_iters,
+            n_restarts=c.kmeans_restarts,
+            # The democratic variant l2-normalises each whitened embedding (SPEC 4).
+            normalize_after_whitening=c.aggregation == "democratic",
+        ).fit(train_reduced)
+        # Pass 2: aggregated vectors of the learning images for the rotation.
+        if c.rotation != "none":
+            psi = np.stack([self._aggregate_reduced(r) for r in _tqdm(reduced, progress, "fit: rotation")])
+            self.rotation_ = Rotation(whiten=c.rotation == "whitening").fit(l2_normalize(psi))
+        self.n_train_images_ = len(selected)
+        self.n_train_features_ = int(total)
+        self.kept_fraction_ = float(np.mean(fractions))
+        return self
+
+    def _aggregate_reduced(self, reduced: np.ndarray) -> np.ndarray:
+        c = self.config
+        phi = self.embedder_.transform(reduced)
+        if c.aggregation == "democratic":
+            return aggregate("democratic", phi, gamma=c.democratic_gamma, n_iter=c.democratic_iters)
+        return aggregate(c.aggregation, phi)
+
+    # ------------------------------------------------------------------ encoding
+
+    def _check_fitted(self) -> None:
+        if self.pca_ is None or self.embedder_ is None:
+            raise RuntimeError("this Encoder is not fitted: call fit() or Encoder.load()")
+
+    def encode(self, fmap: FeatureMap) -> np.ndarray:
+        """The (D,) float32 unit-norm vector of one feature map."""
+        self._check_fitted()
+        local = self.select(fmap)
+        psi = self._aggregate_reduced(self.pca_.transform(local))
+        out = postprocess(np.asarray(psi, dtype=np.float32), self.rotation_, self.config.effective_drop, self.config.alpha)
+        return np.asarray(out, dtype=np.float32)
+
+    def encode_many(self, maps: Iterable[FeatureMap], progress: bool = False) -> np.ndarray:
+        """(N, D) float32 vectors of ``maps``."""
+        vecs = [self.encode(f) for f in _tqdm(maps, progress, "encode")]
+        if not vecs:
+            return np.zeros((0, self.dim), np.float32)
+        return np.stack(vecs)
+
+    # ------------------------------------------------------------------ images
+
+    def backbone(self, device: str | None = None):
+        """The backbone this encoder's maps come from (loaded once, lazily)."""
+        if self._backbone is None:
+            from selret.backbones import load_backbone
+
+            self._backbone = load_backbone(self.config.weights, self.config.layer, device=device)
+        return self._backbone
+
+    def feature_map(self, source, bbox=None, rotation: int = 0, name: str | None = None) -> FeatureMap:
+        """Conv map (with SIFT keypoints) of one image path or bytes, prepared as this config says."""
+        from selret.io import prepare_image
+        from selret.masks import detect_keypoints
+
+        prepared = prepare_image(source, max_side=self.config.max_side, bbox=bbox, rotation=rotation, name=name)
+        features = self.backbone().forward_maps(prepared.rgb[None])[0]
+        keypoints = detect_keypoints(prepared.rgb) if self.config.mask == "sift" else np.zeros((0, 2), np.float32)
+        return FeatureMap(features, prepared.rgb.shape[:2], keypoints)
+
+    def encode_image(self, source, bbox=None, rotation: int = 0, name: str | None = None) -> np.ndarray:
+        """The vector of one image file or its bytes (query crop ``bbox`` as in SPEC section 1)."""
+        return self.encode(self.feature_map(source, bbox=bbox, rotation=rotation, name=name))
+
+    # ------------------------------------------------------------------ persistence
+
+    def get_state(self) -> dict[str, np.ndarray | int | float | str]:
+        self._check_fitted()
+        state: dict = {}
+        state |= {f"pca.{k}": v for k, v in self.pca_.get_state().items()}
+        state |= {f"embedder.{k}": v for k, v in self.embedder_.get_state().items()}
+        if self.rotation_ is not None:
+            state |= {f"rotation.{k}": v for k, v in self.rotation_.get_state().items()}
+        state["n_train_images"] = int(self.n_train_images_)
+        state["n_train_features"] = int(self.n_train_features_)
+        state["kept_fraction"] = float(self.kept_fraction_)
+        return state
+
+    @property
+    def fingerprint(self) -> str:
+        """sha1 of the config and every learned array: equal fingerprints encode identically."""
+        digest = hashlib.sha1(json.dumps(self.config.to_dict(), sort_keys=True).encode())
+        for key, value in sorted(self.get_state().items()):
+            digest.update(key.encode())
+            arr = np.asarray(value)
+            digest.update(str(arr.dtype).encode() + str(arr.shape).encode())
+            digest.update(np.ascontiguousarray(arr).tobytes())
+        return digest.hexdigest()
+
+    def save(self, path: str | Path) -> Path:
+        """Write config + learned arrays to one ``.npz`` (atomically). Scalars and strings go to a
+        JSON header; arrays are stored as they are, so a reload encodes bit-identically."""
+        path = Path(path)
+        arrays, scalars = {}, {}
+        for key, value in self.get_state().items():
+            if isinstance(value, np.ndarray):
+                arrays[key] = value
+            else:
+                scalars[key] = value.item() if isinstance(value, np.generic) else value
+        header = {
+            "format": "selret-encoder",
+            "format_version": FORMAT_VERSION,
+            "selret_version": __version__,
+            "config": self.config.to_dict(),
+            "scalars": scalars,
+        }
+        arrays["__header__"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                np.savez(fh, **arrays)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Encoder:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: encoder file not found")
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                arrays = {k: data[k] for k in data.files}
+            header = json.loads(arrays.pop("__header__").tobytes().decode())
+        except Exception as exc:
+            raise ValueError(f"{path}: not a selret encoder file ({exc})") from exc
+        if header.get("format") != "selret-encoder":
+            raise ValueError(f"{path}: not a selret encoder file")
+        if header["format_version"] > FORMAT_VERSION:
+            raise ValueError(f"{path}: encoder format {header['format_version']} is newer than this selret")
+        state = arrays | header["scalars"]
+        enc = cls(EncoderConfig.from_dict(header["config"]))
+        enc.pca_ = LocalPCA.from_state(_sub(state, "pca."))
+        enc.embedder_ = Embedder.from_state(_sub(state, "embedder."))
+        rotation = _sub(state, "rotation.")
+        enc.rotation_ = Rotation.from_state(rotation) if rotation else None
+        enc.n_train_images_ = int(state["n_train_images"])
+        enc.n_train_features_ = int(state["n_train_features"])
+        enc.kept_fraction_ = float(state["kept_fraction"])
+        return enc
+
+    def __repr__(self) -> str:
+        c = self.config
+        fitted = "fitted" if self.pca_ is not None else "not fitted"
+        return (
+            f"Encoder({c.mask}-mask, {c.embedding} d={c.d} k={c.k}, {c.aggregation}, "
+            f"{c.rotation}, D={c.dim}, {fitted})"
+        )
+
+
+def _sub(state: dict, prefix: str) -> dict:
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _tqdm(iterable, progress: bool, desc: str):
+    if not progress:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, unit="img")
+
+
+__all__ = ["Encoder", "EncoderConfig", "ROTATIONS"]

@@ -1,0 +1,356 @@
+"""selret.io: decoding every colour mode, EXIF orientation, typed errors, resize and crop protocol."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from selret.errors import (
+    BoundingBoxError,
+    CorruptImageError,
+    EmptyImageError,
+    ImageError,
+    ImageNotFoundError,
+    ImageTooLargeError,
+    ImageTooSmallError,
+)
+from selret.io import MIN_NETWORK_SIDE, load_image, prepare_image, resize_longest, resize_to, rotate
+
+RED, GREEN = (200, 30, 40), (20, 180, 60)
+
+
+def two_tone(h: int = 48, w: int = 64) -> np.ndarray:
+    """Left half RED, right half GREEN: colour errors and flips are both visible."""
+    rgb = np.empty((h, w, 3), np.uint8)
+    rgb[:, : w // 2] = RED
+    rgb[:, w // 2 :] = GREEN
+    return rgb
+
+
+def save(img: Image.Image, path, fmt: str | None = None, **kw):
+    img.save(path, fmt, **kw)
+    return path
+
+
+# --------------------------------------------------------------------------- colour modes
+
+
+def test_rgb_png_is_exact(tmp_path):
+    rgb = two_tone()
+    out = load_image(save(Image.fromarray(rgb), tmp_path / "a.png"))
+    assert out.dtype == np.uint8 and out.shape == (48, 64, 3)
+    np.testing.assert_array_equal(out, rgb)
+
+
+def test_rgb_jpeg_close(tmp_path):
+    rgb = two_tone()
+    out = load_image(save(Image.fromarray(rgb), tmp_path / "a.jpg", quality=95))
+    assert np.abs(out[:, 4:28].astype(int) - RED).max() <= 6
+    assert np.abs(out[:, 36:60].astype(int) - GREEN).max() <= 6
+
+
+def test_cmyk_jpeg(tmp_path):
+    rgb = two_tone()
+    path = save(Image.fromarray(rgb).convert("CMYK"), tmp_path / "cmyk.jpg", quality=95)
+    assert Image.open(path).mode == "CMYK"
+    out = load_image(path)
+    assert out.shape == (48, 64, 3) and out.dtype == np.uint8
+    assert np.abs(out[:, 4:28].astype(int) - RED).mean() < 8
+    assert np.abs(out[:, 36:60].astype(int) - GREEN).mean() < 8
+
+
+def test_grey_png(tmp_path):
+    grey = np.tile(np.arange(64, dtype=np.uint8) * 4, (32, 1))
+    out = load_image(save(Image.fromarray(grey, "L"), tmp_path / "g.png"))
+    assert out.shape == (32, 64, 3)
+    for c in range(3):
+        np.testing.assert_array_equal(out[:, :, c], grey)
+
+
+def test_la_png_alpha_composited_on_white(tmp_path):
+    la = np.zeros((32, 32, 2), np.uint8)
+    la[..., 0] = 100
+    la[:, 16:, 1] = 255  # right half opaque grey, left half fully transparent
+    path = save(Image.fromarray(la, "LA"), tmp_path / "la.png")
+    assert Image.open(path).mode == "LA"
+    out = load_image(path)
+    assert (out[:, :16] == 255).all()
+    assert (out[:, 16:] == 100).all()
+
+
+def test_rgba_half_transparent(tmp_path):
+    rgba = np.zeros((32, 32, 4), np.uint8)
+    rgba[..., :3] = RED
+    rgba[..., 3] = 128
+    out = load_image(save(Image.fromarray(rgba, "RGBA"), tmp_path / "a.png"))
+    expected = np.rint(np.array(RED) * 128 / 255 + 255 * (1 - 128 / 255))
+    assert np.abs(out[0, 0].astype(int) - expected).max() <= 1
+
+
+def test_palette_png_exact(tmp_path):
+    rgb = two_tone()
+    pal = Image.fromarray(rgb).quantize(colors=2)
+    path = save(pal, tmp_path / "p.png")
+    assert Image.open(path).mode == "P"
+    np.testing.assert_array_equal(load_image(path), rgb)
+
+
+def test_palette_with_transparency(tmp_path):
+    pal = Image.fromarray(two_tone()).quantize(colors=2)
+    transparent_index = pal.getpixel((0, 0))
+    path = save(pal, tmp_path / "pt.png", transparency=transparent_index)
+    out = load_image(path)
+    assert (out[:, :32] == 255).all()  # the transparent (formerly RED) half becomes white
+    assert (out[:, 32:] == GREEN).all()
+
+
+def test_16bit_png_scaled_to_8bit(tmp_path):
+    grey16 = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (32, 1))
+    path = save(Image.fromarray(grey16), tmp_path / "g16.png")
+    out = load_image(path)
+    np.testing.assert_array_equal(out[..., 0], np.rint(grey16 / 257.0).astype(np.uint8))
+    assert out[0, -1, 0] == 255 and out[0, 0, 0] == 0
+
+
+def test_16bit_tiff(tmp_path):
+    grey16 = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (32, 1))
+    path = save(Image.fromarray(grey16), tmp_path / "g16.tif")
+    assert Image.open(path).mode.startswith("I;16")
+    np.testing.assert_array_equal(
+        load_image(path)[..., 1], np.rint(grey16 / 257.0).astype(np.uint8)
+    )
+
+
+def test_float_tiff_in_unit_range(tmp_path):
+    f = np.tile(np.linspace(0, 1, 64, dtype=np.float32), (32, 1))
+    path = save(Image.fromarray(f, "F"), tmp_path / "f.tif")
+    out = load_image(path)
+    np.testing.assert_array_equal(out[..., 2], np.rint(f * 255).astype(np.uint8))
+
+
+def test_int32_tiff_stretched(tmp_path):
+    i32 = np.tile(np.linspace(-1000, 100000, 64).astype(np.int32), (32, 1))
+    out = load_image(save(Image.fromarray(i32, "I"), tmp_path / "i.tif"))
+    assert out[0, 0, 0] == 0 and out[0, -1, 0] == 255
+    assert (np.diff(out[0, :, 0].astype(int)) >= 0).all()
+
+
+def test_webp_lossless_exact(tmp_path):
+    rgb = two_tone()
+    out = load_image(save(Image.fromarray(rgb), tmp_path / "a.webp", lossless=True))
+    np.testing.assert_array_equal(out, rgb)
+
+
+def test_bytes_source(tmp_path):
+    buf = io.BytesIO()
+    Image.fromarray(two_tone()).save(buf, "PNG")
+    np.testing.assert_array_equal(load_image(buf.getvalue()), two_tone())
+
+
+def test_exif_orientation_6_rotates_clockwise(tmp_path):
+    stored = np.zeros((32, 64, 3), np.uint8)  # landscape as stored
+    stored[:16, :16] = 255  # white block at the stored top-left
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    path = save(Image.fromarray(stored), tmp_path / "o6.jpg", quality=95, exif=exif.tobytes())
+    out = load_image(path)
+    assert out.shape == (64, 32, 3)  # displayed upright: portrait
+    assert out[:16, 16:].mean() > 200  # the block moved to the top-right
+    assert out[:16, :16].mean() < 50
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG signature + IHDR claiming ``width`` x ``height`` and no pixel data."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+def _raises(exc_type, source, match_path: str, **kw) -> ImageError:
+    with pytest.raises(exc_type) as info:
+        load_image(source, **kw)
+    assert match_path in str(info.value)
+    assert info.value.reason
+    return info.value
+
+
+def test_missing_file(tmp_path):
+    err = _raises(ImageNotFoundError, tmp_path / "nope.jpg", "nope.jpg")
+    assert "no such file" in err.reason
+
+
+def test_directory(tmp_path):
+    err = _raises(ImageNotFoundError, tmp_path, str(tmp_path))
+    assert "directory" in err.reason
+
+
+def test_zero_bytes(tmp_path):
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    _raises(EmptyImageError, tmp_path / "empty.jpg", "empty.jpg")
+    _raises(EmptyImageError, b"", "upload.png", name="upload.png")
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.95])
+def test_truncated_jpeg(tmp_path, keep):
+    buf = io.BytesIO()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
+    data = buf.getvalue()
+    (tmp_path / "cut.jpg").write_bytes(data[: int(len(data) * keep)])
+    err = _raises(CorruptImageError, tmp_path / "cut.jpg", "cut.jpg")
+    assert "truncated" in err.reason
+
+
+def test_text_renamed_jpg(tmp_path):
+    (tmp_path / "notes.jpg").write_text("this is not an image\n")
+    _raises(CorruptImageError, tmp_path / "notes.jpg", "notes.jpg")
+
+
+def test_decompression_bomb_header(tmp_path):
+    (tmp_path / "bomb.png").write_bytes(_png_header_only(100_000, 100_000))
+    _raises(ImageTooLargeError, tmp_path / "bomb.png", "bomb.png")
+
+
+def test_max_pixels_checked_before_decoding(tmp_path):
+    # 9000 x 9000 is below Pillow's own limit; the file has no pixel data at all, so only a check on
+    # the header (not a decode) can give ImageTooLargeError rather than CorruptImageError.
+    (tmp_path / "big.png").write_bytes(_png_header_only(9000, 9000))
+    err = _raises(ImageTooLargeError, tmp_path / "big.png", "big.png")
+    assert "81000000" in err.reason
+    with pytest.raises(CorruptImageError):
+        load_image(tmp_path / "big.png", max_pixels=None)
+
+
+def test_max_pixels_configurable(tmp_path):
+    path = save(Image.fromarray(two_tone()), tmp_path / "a.png")
+    _raises(ImageTooLargeError, path, "a.png", max_pixels=48 * 64 - 1)
+    assert load_image(path, max_pixels=48 * 64).shape == (48, 64, 3)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (15, 200)])
+def test_too_small(tmp_path, size):
+    path = save(Image.new("RGB", size), tmp_path / "tiny.png")
+    _raises(ImageTooSmallError, path, "tiny.png")
+
+
+# --------------------------------------------------------------------------- resize
+
+
+@pytest.mark.parametrize(
+    ("h", "w", "max_side", "expected"),
+    [
+        (768, 1024, 1024, (768, 1024)),  # already at size
+        (600, 800, 1024, (768, 1024)),  # up-scaled
+        (2000, 1500, 1024, (1024, 768)),  # down-scaled, portrait
+        (333, 500, 1024, (682, 1024)),  # 681.98 rounds up
+        (101, 301, 64, (21, 64)),
+        (50, 50, 724, (724, 724)),
+    ],
+)
+def test_resize_longest_exact(h, w, max_side, expected):
+    rgb = np.zeros((h, w, 3), np.uint8)
+    out, scale = resize_longest(rgb, max_side)
+    assert out.shape == (*expected, 3) and out.dtype == np.uint8
+    assert scale == pytest.approx(max_side / max(h, w))
+
+
+def test_resize_keeps_flat_colours():
+    out, _ = resize_longest(two_tone(48, 64), 200)
+    assert (out[:, :90] == RED).all() and (out[:, 110:] == GREEN).all()
+
+
+def test_rotate():
+    rgb = two_tone(20, 40)
+    np.testing.assert_array_equal(rotate(rgb, 90), np.rot90(rgb))
+    np.testing.assert_array_equal(rotate(rgb, -90), np.rot90(rgb, -1))
+    np.testing.assert_array_equal(rotate(rgb, 360), rgb)
+    with pytest.raises(ValueError, match="multiple of 90"):
+        rotate(rgb, 45)
+
+
+# --------------------------------------------------------------------------- prepare_image
+
+
+@pytest.fixture
+def landscape(tmp_path):
+    rgb = np.random.default_rng(1).integers(0, 256, (100, 200, 3), dtype=np.uint8)
+    return rgb, save(Image.fromarray(rgb), tmp_path / "land.png")
+
+
+def test_prepare_full_image(landscape):
+    rgb, path = landscape
+    p = prepare_image(path, max_side=128)
+    assert p.size == (64, 128) and p.scale == pytest.approx(0.64)
+    assert p.original_size == (100, 200) and p.bbox is None
+    np.testing.assert_array_equal(p.rgb, resize_longest(rgb, 128)[0])
+
+
+def test_prepare_crop_uses_full_image_scale(landscape):
+    rgb, path = landscape
+    p = prepare_image(path, max_side=128, bbox=[50, 20, 150, 80])
+    # Crop 100 x 60 at the full image's scale 0.64 -> 64 x 38.4 -> 64 x 38, not resized to 128.
+    assert p.size == (38, 64) and p.scale == pytest.approx(0.64)
+    assert p.bbox == (50, 20, 150, 80) and p.original_size == (100, 200)
+    np.testing.assert_array_equal(p.rgb, resize_to(rgb[20:80, 50:150], 38, 64))
+
+
+def test_prepare_crop_float_and_clipped(landscape):
+    _, path = landscape
+    p = prepare_image(path, max_side=128, bbox=[49.5, 19.2, 150.1, 80.0])
+    assert p.bbox == (49, 19, 151, 80)  # every pixel the box touches
+    p = prepare_image(path, max_side=400, bbox=[-30, -10, 120, 500])
+    assert p.bbox == (0, 0, 120, 100) and p.size == (200, 240)
+
+
+@pytest.mark.parametrize(
+    "bbox",
+    [
+        [50, 20, 50, 80],
+        [150, 20, 50, 80],
+        [300, 10, 400, 50],
+        [1, 2, 3],
+        ["a", 1, 2, 3],
+        [0, 0, float("nan"), 9],
+        5,
+    ],
+)
+def test_prepare_bad_bbox(landscape, bbox):
+    _, path = landscape
+    with pytest.raises(BoundingBoxError) as info:
+        prepare_image(path, max_side=128, bbox=bbox)
+    assert "land.png" in str(info.value)
+
+
+def test_prepare_crop_too_small(landscape):
+    _, path = landscape
+    with pytest.raises(ImageTooSmallError, match="crop becomes"):
+        prepare_image(path, max_side=128, bbox=[0, 0, 40, 40])  # 25.6 px < 32
+
+
+def test_prepare_extreme_aspect_too_small(tmp_path):
+    path = save(Image.new("RGB", (400, 20)), tmp_path / "strip.png")
+    with pytest.raises(ImageTooSmallError, match=f">= {MIN_NETWORK_SIDE} px"):
+        prepare_image(path, max_side=400)
+
+
+def test_prepare_rotation_then_crop(landscape):
+    rgb, path = landscape
+    p = prepare_image(path, max_side=128, rotation=90)
+    assert p.original_size == (200, 100) and p.size == (128, 64)
+    np.testing.assert_array_equal(p.rgb, resize_longest(np.rot90(rgb), 128)[0])
+    # The box is in the rotated image's pixels.
+    p = prepare_image(path, max_side=200, rotation=-90, bbox=[0, 0, 100, 50])
+    np.testing.assert_array_equal(p.rgb, np.rot90(rgb, -1)[:50, :100])
