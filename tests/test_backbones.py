@@ -21,8 +21,13 @@ from selret.errors import WeightsError
 
 # Expected grid (h, w) for a 96 x 160 input: block-5 layers see 5 poolings, block-4 layers 4.
 EXPECTED_GRID = {
-    "pool5": (3, 5), "conv5_3": (3, 5), "conv5_2": (3, 5), "conv5_1": (3, 5),
-    "conv4_3": (6, 10), "conv4_2": (6, 10), "conv4_1": (6, 10),
+    "pool5": (3, 5),
+    "conv5_3": (3, 5),
+    "conv5_2": (3, 5),
+    "conv5_1": (3, 5),
+    "conv4_3": (6, 10),
+    "conv4_2": (6, 10),
+    "conv4_1": (6, 10),
 }
 
 
@@ -75,7 +80,9 @@ def test_torchvision_state_dict_round_trip(tmp_path):
         torch.testing.assert_close(conv.weight, loaded.net.convs[name].weight, rtol=0, atol=0)
     # torchvision preprocessing: RGB, 0..1, ImageNet mean/std
     x = loaded.preprocess(np.full((1, 2, 2, 3), 255, np.uint8))[0, :, 0, 0].numpy()
-    np.testing.assert_allclose(x, (1 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225]), rtol=1e-5)
+    np.testing.assert_allclose(
+        x, (1 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225]), rtol=1e-5
+    )
 
 
 def test_missing_or_bad_weight_sources_raise_clear_errors(tmp_path):
@@ -117,7 +124,9 @@ def test_real_weights_file_and_pinned_values():
     assert w["conv5_3"][0].shape == (512, 512, 3, 3)
     # Values of the original ImageNet VGG16 (Keras port of the Caffe model).
     np.testing.assert_allclose(w["conv1_1"][1][:3], [0.73429835, 0.09340367, 0.06775674], rtol=1e-6)
-    np.testing.assert_allclose(w["conv1_1"][0].ravel()[:3], [0.42947057, 0.373467, -0.06136011], rtol=1e-6)
+    np.testing.assert_allclose(
+        w["conv1_1"][0].ravel()[:3], [0.42947057, 0.373467, -0.06136011], rtol=1e-6
+    )
     np.testing.assert_allclose(w["conv5_3"][1][:3], [0.18837857, -0.50036746, 0.5422234], rtol=1e-6)
 
 

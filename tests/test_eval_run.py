@@ -31,7 +31,9 @@ def make_image(seed: int, width: int = 160, height: int = 120) -> np.ndarray:
     """A distinctive RGB picture: smooth coloured noise with a few filled shapes."""
     rng = np.random.default_rng(seed)
     noise = rng.normal(0, 50, (height // 8 + 1, width // 8 + 1, 3))
-    img = np.clip(rng.integers(40, 216, 3) + cv2.resize(noise, (width, height)), 0, 255).astype(np.uint8)
+    img = np.clip(rng.integers(40, 216, 3) + cv2.resize(noise, (width, height)), 0, 255).astype(
+        np.uint8
+    )
     for _ in range(5):
         colour = tuple(int(c) for c in rng.integers(0, 256, 3))
         x, y = int(rng.integers(0, width)), int(rng.integers(0, height))
@@ -45,7 +47,9 @@ def view(rgb: np.ndarray, seed: int) -> np.ndarray:
     h, w = rgb.shape[:2]
     y, x = int(rng.integers(0, h // 6)), int(rng.integers(0, w // 6))
     crop = rgb[y : y + h - h // 6, x : x + w - w // 6]
-    return np.clip(cv2.resize(crop, (w, h)).astype(np.int16) + int(rng.integers(-20, 21)), 0, 255).astype(np.uint8)
+    return np.clip(
+        cv2.resize(crop, (w, h)).astype(np.int16) + int(rng.integers(-20, 21)), 0, 255
+    ).astype(np.uint8)
 
 
 def save(path: Path, rgb: np.ndarray) -> Path:
@@ -54,13 +58,18 @@ def save(path: Path, rgb: np.ndarray) -> Path:
     return path
 
 
-def write_objects(root: Path, n_objects: int = 4, n_views: int = 3, duplicates: bool = False, seed: int = 0) -> Path:
+def write_objects(
+    root: Path, n_objects: int = 4, n_views: int = 3, duplicates: bool = False, seed: int = 0
+) -> Path:
     """A folder-per-object layout ``root/objNN/vM.png``. ``duplicates``: the views are exact
     copies (identical maps, so each query's copies must be its top results)."""
     for i in range(n_objects):
         img = make_image(seed + 1000 * i)
         for v in range(n_views):
-            save(root / f"obj{i:02d}" / f"v{v}.png", img if duplicates else view(img, seed + 1000 * i + v))
+            save(
+                root / f"obj{i:02d}" / f"v{v}.png",
+                img if duplicates else view(img, seed + 1000 * i + v),
+            )
     return root
 
 
@@ -73,7 +82,11 @@ def write_learning(root: Path, n: int = 10, seed: int = 500) -> Path:
 @pytest.fixture(scope="module")
 def dup_layout(tmp_path_factory):
     base = tmp_path_factory.mktemp("eval")
-    return write_objects(base / "objects", duplicates=True), write_learning(base / "learn"), base / "cache"
+    return (
+        write_objects(base / "objects", duplicates=True),
+        write_learning(base / "learn"),
+        base / "cache",
+    )
 
 
 # --------------------------------------------------------------------------- disjointness
@@ -98,7 +111,13 @@ def test_prepare_refuses_a_learning_set_that_overlaps_the_queries(dup_layout):
     objects, learn, cache = dup_layout
     bench = read_object_folders(objects)
     with pytest.raises(LearningSetOverlapError):
-        prepare(bench, weights="random", max_side=SIZE, learn=[learn, objects / "obj01"], cache_dir=cache)
+        prepare(
+            bench,
+            weights="random",
+            max_side=SIZE,
+            learn=[learn, objects / "obj01"],
+            cache_dir=cache,
+        )
 
 
 # --------------------------------------------------------------------------- runs with a known answer
@@ -109,7 +128,9 @@ def test_exact_copies_are_retrieved_first(dup_layout, method):
     objects, learn, cache = dup_layout
     bench = read_object_folders(objects)
     if method == "encoder":
-        m = Encoder(EncoderConfig.from_preset("temb-demo-512", weights="random", max_side=SIZE, **FAST))
+        m = Encoder(
+            EncoderConfig.from_preset("temb-demo-512", weights="random", max_side=SIZE, **FAST)
+        )
     elif method == "mac":
         m = BaselineEncoder("mac", weights="random", max_side=SIZE)
     else:
@@ -150,7 +171,13 @@ def test_methods_that_learn_refuse_to_run_without_a_learning_set(dup_layout):
 def test_a_fitted_encoder_runs_without_a_learning_set_and_says_so(dup_layout, tmp_path):
     objects, learn, cache = dup_layout
     config = EncoderConfig.from_preset("temb-demo-512", weights="random", max_side=SIZE, **FAST)
-    learn_data = prepare(read_object_folders(objects), weights="random", max_side=SIZE, learn=[learn], cache_dir=cache)
+    learn_data = prepare(
+        read_object_folders(objects),
+        weights="random",
+        max_side=SIZE,
+        learn=[learn],
+        cache_dir=cache,
+    )
     path = Encoder(config).fit(learn_data.learn).save(tmp_path / "enc.npz")
     report = evaluate(read_object_folders(objects), Encoder.load(path), cache_dir=cache)
     assert report.map == pytest.approx(1.0)
@@ -195,7 +222,11 @@ def test_score_per_group_top1_and_ns_on_hand_made_rankings(tmp_path):
 
 def test_report_saves_json_and_markdown(dup_layout, tmp_path):
     objects, _, cache = dup_layout
-    report = evaluate(read_object_folders(objects), BaselineEncoder("rmac", weights="random", max_side=SIZE), cache_dir=cache)
+    report = evaluate(
+        read_object_folders(objects),
+        BaselineEncoder("rmac", weights="random", max_side=SIZE),
+        cache_dir=cache,
+    )
     js, md = report.save(tmp_path / "out")
     data = json.loads(js.read_text())
     assert data["dataset"] == "objects" and data["map"] == pytest.approx(1.0) and data["dim"] == 512
@@ -214,12 +245,14 @@ def test_contact_sheet_frames_results_by_relevance(dup_layout, tmp_path):
     assert framed.shape == (8, 9, 3) and tuple(framed[0, 0]) == POSITIVE and framed[4, 4].sum() == 0
     objects, _, cache = dup_layout
     bench = read_object_folders(objects)
-    report = evaluate(bench, BaselineEncoder("mac", weights="random", max_side=SIZE), cache_dir=cache)
+    report = evaluate(
+        bench, BaselineEncoder("mac", weights="random", max_side=SIZE), cache_dir=cache
+    )
     ranks = report.ranks.copy()
     ranks[1, 0] = 11  # a negative (object 3) at rank 2 of query 0
     png = contact_sheet(bench, ranks, tmp_path / "c.png", queries=[0], k=3, size=64)
     img = np.asarray(Image.open(png).convert("RGB")).reshape(-1, 3)
-    colours = {tuple(c) for c in img[:: 7].tolist()}
+    colours = {tuple(c) for c in img[::7].tolist()}
     assert POSITIVE in colours and NEGATIVE in colours
 
 
@@ -249,7 +282,11 @@ def test_cli_eval_end_to_end(tmp_path, cli):
     report = json.loads((out / "report.json").read_text())
     assert 0.0 <= report["map"] <= 1.0 and report["n_queries"] == 9 and report["dim"] == 512
     learning = report["learning_set"]
-    assert (learning["name"], learning["n_images"], learning["disjoint_checked"]) == ("learn", 8, True)
+    assert (learning["name"], learning["n_images"], learning["disjoint_checked"]) == (
+        "learn",
+        8,
+        True,
+    )
     assert learning["rotation_components"] == 7  # N - 1 learning images
     assert "| mAP |" in result.output and (out / "report.md").is_file()
     from PIL import Image
@@ -267,7 +304,9 @@ def test_cli_eval_baseline_needs_learning_only_to_whiten(tmp_path, cli):
     objects = write_objects(tmp_path / "objects", n_objects=3, n_views=2, duplicates=True)
     common = ["--weights", "random", "--max-side", "96", "--cache", str(tmp_path / "cache"), "--no-progress",
               "--contact-queries", "0"]  # fmt: skip
-    ok = runner.invoke(app, ["eval", str(objects), "--baseline", "crow", "--out", str(tmp_path / "a"), *common])
+    ok = runner.invoke(
+        app, ["eval", str(objects), "--baseline", "crow", "--out", str(tmp_path / "a"), *common]
+    )
     assert ok.exit_code == 0, ok.output
     assert json.loads((tmp_path / "a" / "report.json").read_text())["map"] == pytest.approx(1.0)
     refused = runner.invoke(app, ["eval", str(objects), "--baseline", "crow", "--whiten", *common])

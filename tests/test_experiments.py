@@ -29,13 +29,24 @@ SMALL_FRAMEWORKS = {
 @pytest.fixture(scope="module")
 def layout(tmp_path_factory):
     base = tmp_path_factory.mktemp("exp")
-    return write_objects(base / "objects", n_objects=3, n_views=3, seed=3), write_learning(base / "learn", n=12), base / "cache"
+    return (
+        write_objects(base / "objects", n_objects=3, n_views=3, seed=3),
+        write_learning(base / "learn", n=12),
+        base / "cache",
+    )
 
 
 @pytest.fixture(scope="module")
 def setup(layout):
     objects, learn, cache = layout
-    return ex.make_setup(read_object_folders(objects), [learn], weights="random", max_side=SIZE, cache_dir=cache, base=FAST)
+    return ex.make_setup(
+        read_object_folders(objects),
+        [learn],
+        weights="random",
+        max_side=SIZE,
+        cache_dir=cache,
+        base=FAST,
+    )
 
 
 def check_saved(result, tmp_path):
@@ -70,7 +81,12 @@ def test_dims_flag_rotations_completed_for_lack_of_learning_images(setup, tmp_pa
 
 def test_image_size_extracts_each_size(setup, tmp_path):
     result = ex.image_sizes(setup, sizes=(96, SIZE), masks=("max", "none"))
-    assert [(r["size"], r["mask"]) for r in result.rows] == [(96, "max"), (96, "none"), (SIZE, "max"), (SIZE, "none")]
+    assert [(r["size"], r["mask"]) for r in result.rows] == [
+        (96, "max"),
+        (96, "none"),
+        (SIZE, "max"),
+        (SIZE, "none"),
+    ]
     assert {96, SIZE} <= {size for _, size in setup._data}
     assert setup.data(max_side=96).db[0].image_size == (72, 96)
     assert all(r["kept %"] == 1.0 for r in result.rows if r["mask"] == "none")
@@ -81,7 +97,9 @@ def test_layers_extract_each_layer(setup, tmp_path):
     result = ex.layers(setup, layers=("conv5_1", "pool5"), masks=("max",))
     assert [r["layer"] for r in result.rows] == ["conv5_1", "pool5"]
     assert setup.data(layer="conv5_1").layer == "conv5_1"
-    assert not np.array_equal(setup.data(layer="conv5_1").db[0].features, setup.data().db[0].features)
+    assert not np.array_equal(
+        setup.data(layer="conv5_1").db[0].features, setup.data().db[0].features
+    )
     check_saved(result, tmp_path)
 
 
@@ -95,7 +113,9 @@ def test_alpha_shortcut_equals_encoding_with_that_alpha(setup, tmp_path):
     db1, _, _ = encode_data(enc, data)
     enc03 = Encoder(dataclasses.replace(enc.config, alpha=0.3))
     enc03.pca_, enc03.embedder_, enc03.rotation_ = enc.pca_, enc.embedder_, enc.rotation_
-    np.testing.assert_allclose(l2_normalize(power_law(db1, 0.3)), enc03.encode_many(data.db), atol=1e-5)
+    np.testing.assert_allclose(
+        l2_normalize(power_law(db1, 0.3)), enc03.encode_many(data.db), atol=1e-5
+    )
     full = setup.run_encoder(setup.config("temb-demo-512", mask="max", alpha=0.3))
     assert result.rows[0]["mAP"] == pytest.approx(full.map)
     check_saved(result, tmp_path)
@@ -127,8 +147,20 @@ def test_feature_correlations_of_known_features():
 
 
 def test_baselines_against_the_method(setup, tmp_path):
-    result = ex.baselines(setup, baselines=("spoc", "mac"), whiten=(False, True), masks=("max",), presets=("temb-demo-512",))
-    assert [r["method"] for r in result.rows] == ["spoc", "spoc+PCAw", "mac", "mac+PCAw", "MAX-mask T-emb+demo"]
+    result = ex.baselines(
+        setup,
+        baselines=("spoc", "mac"),
+        whiten=(False, True),
+        masks=("max",),
+        presets=("temb-demo-512",),
+    )
+    assert [r["method"] for r in result.rows] == [
+        "spoc",
+        "spoc+PCAw",
+        "mac",
+        "mac+PCAw",
+        "MAX-mask T-emb+demo",
+    ]
     assert [r["D"] for r in result.rows] == [512, 11, 512, 11, 512]
     text = check_saved(result, tmp_path)
     assert text["rows"][0]["per_group"]  # three objects: per-group figures are kept
@@ -139,7 +171,9 @@ def test_make_setup_subsamples_the_learning_set(layout):
     objects, learn, cache = layout
     s = ex.make_setup(read_object_folders(objects), [learn], max_learn=4, seed=1, weights="random")
     assert len(s.learn) == 4 and s.learn_name == "learn (random 4)"
-    again = ex.make_setup(read_object_folders(objects), [learn], max_learn=4, seed=1, weights="random")
+    again = ex.make_setup(
+        read_object_folders(objects), [learn], max_learn=4, seed=1, weights="random"
+    )
     assert again.learn == s.learn
 
 

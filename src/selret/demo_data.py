@@ -17,12 +17,32 @@ import cv2
 import numpy as np
 
 OBJECTS = (
-    "astronaut", "chelsea", "coffee", "rocket", "motorcycle_left",
-    "hubble_deep_field", "camera", "coins", "china", "flower",
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "rocket",
+    "motorcycle_left",
+    "hubble_deep_field",
+    "camera",
+    "coins",
+    "china",
+    "flower",
 )
 LEARNING = (
-    "brick", "grass", "gravel", "retina", "moon", "page", "text", "ihc", "cell", "clock_motion",
-    "color", "logo", "chessboard_RGB", "microaneurysms",
+    "brick",
+    "grass",
+    "gravel",
+    "retina",
+    "moon",
+    "page",
+    "text",
+    "ihc",
+    "cell",
+    "clock_motion",
+    "color",
+    "logo",
+    "chessboard_RGB",
+    "microaneurysms",
 )
 # Database variants of each object, and the query variant (never in the database).
 DB_VARIANTS = ("original", "crop", "rotate", "jpeg_small")
@@ -66,14 +86,18 @@ def make_variant(rgb: np.ndarray, kind: str, seed: int = 0) -> np.ndarray:
         return cv2.warpAffine(rgb, m, (w, h), borderMode=cv2.BORDER_REFLECT)
     if kind == "jpeg_small":
         small = cv2.resize(rgb, (w // 2, h // 2), interpolation=cv2.INTER_AREA)
-        ok, buf = cv2.imencode(".jpg", cv2.cvtColor(small, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 25])
+        ok, buf = cv2.imencode(
+            ".jpg", cv2.cvtColor(small, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 25]
+        )
         assert ok
         return cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
     if kind == "perspective_colour":
         jitter = rng.uniform(0.04, 0.1, size=(4, 2)) * [w, h]
         src = np.float32([[0, 0], [w, 0], [w, h], [0, h]])
         dst = np.float32(src + jitter * [[1, 1], [-1, 1], [-1, -1], [1, -1]])
-        warped = cv2.warpPerspective(rgb, cv2.getPerspectiveTransform(src, dst), (w, h), borderMode=cv2.BORDER_REFLECT)
+        warped = cv2.warpPerspective(
+            rgb, cv2.getPerspectiveTransform(src, dst), (w, h), borderMode=cv2.BORDER_REFLECT
+        )
         hsv = cv2.cvtColor(warped, cv2.COLOR_RGB2HSV).astype(np.int16)
         hsv[..., 0] = (hsv[..., 0] + 8) % 180
         hsv[..., 1] = np.clip(hsv[..., 1] * 0.8, 0, 255)
@@ -84,7 +108,9 @@ def make_variant(rgb: np.ndarray, kind: str, seed: int = 0) -> np.ndarray:
 
 def _write(path: Path, rgb: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 92]):
+    if not cv2.imwrite(
+        str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 92]
+    ):
         raise OSError(f"{path}: could not write image")
 
 
@@ -113,12 +139,16 @@ def build_demo_dataset(root: str | Path):
         positives = list(range(first, len(db_images)))
         rel = f"queries/{name}__{QUERY_VARIANT}.jpg"
         _write(root / rel, make_variant(photo, QUERY_VARIANT, seed=obj_idx))
-        queries.append(Query(name=f"{name}__{QUERY_VARIANT}", image=rel, positives=positives, category=name))
+        queries.append(
+            Query(name=f"{name}__{QUERY_VARIANT}", image=rel, positives=positives, category=name)
+        )
         if name == "motorcycle_left":
             # The real other view of the stereo pair: a genuine second photograph of the scene.
             rel = "queries/motorcycle_right.jpg"
             _write(root / rel, load_photo("motorcycle_right"))
-            queries.append(Query(name="motorcycle_right", image=rel, positives=positives, category=name))
+            queries.append(
+                Query(name="motorcycle_right", image=rel, positives=positives, category=name)
+            )
     for name in LEARNING:
         _write(root / f"learning/{name}.jpg", load_photo(name))
     (root / "learning.txt").write_text("".join(f"learning/{n}.jpg\n" for n in LEARNING))

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from selret import __version__
 from selret.aggregation import AGGREGATIONS, aggregate
@@ -67,7 +68,9 @@ class EncoderConfig:
     preset: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
-        aggregation = {"demo": "democratic", "avg": "average", "mean": "average"}.get(self.aggregation, self.aggregation)
+        aggregation = {"demo": "democratic", "avg": "average", "mean": "average"}.get(
+            self.aggregation, self.aggregation
+        )
         self.aggregation = aggregation
         checks = (
             ("mask", self.mask, MASKS),
@@ -85,7 +88,9 @@ class EncoderConfig:
         if self.rotation == "none" and self.drop:
             raise ValueError("dropping leading components needs a rotation; set rotation or drop=0")
         if self.effective_drop >= self.embedding_dim:
-            raise ValueError(f"drop={self.effective_drop} leaves nothing of {self.embedding_dim} dimensions")
+            raise ValueError(
+                f"drop={self.effective_drop} leaves nothing of {self.embedding_dim} dimensions"
+            )
 
     @property
     def embedding_dim(self) -> int:
@@ -149,7 +154,22 @@ class Encoder:
         self.n_train_images_ = 0
         self.n_train_features_ = 0
         self.kept_fraction_ = float("nan")
+        self.device: torch.device | None = None
         self._backbone = None
+
+    def to(self, device: str | torch.device | None) -> Encoder:
+        """Run encoding on ``device`` ('cuda', 'cpu', 'auto' or None for plain numpy on the CPU).
+
+        On a device the local features go through PCA, embedding, whitening and aggregation as
+        torch tensors (the stage functions accept either); the D-dim result comes back for the
+        post-processing. Results agree with the numpy path to float32 rounding.
+        """
+        if device is not None:
+            from selret.backbones import resolve_device
+
+            device = resolve_device(device)
+        self.device = device
+        return self
 
     # ------------------------------------------------------------------ stages
 
@@ -207,7 +227,9 @@ class Encoder:
         ).fit(train_reduced)
         # Pass 2: aggregated vectors of the learning images for the rotation.
         if c.rotation != "none":
-            psi = np.stack([self._aggregate_reduced(r) for r in _tqdm(reduced, progress, "fit: rotation")])
+            psi = np.stack(
+                [self._aggregate_reduced(r) for r in _tqdm(reduced, progress, "fit: rotation")]
+            )
             self.rotation_ = Rotation(whiten=c.rotation == "whitening").fit(l2_normalize(psi))
         self.n_train_images_ = len(selected)
         self.n_train_features_ = int(total)
@@ -231,8 +253,17 @@ class Encoder:
         """The (D,) float32 unit-norm vector of one feature map."""
         self._check_fitted()
         local = self.select(fmap)
+        if self.device is not None:
+            local = torch.from_numpy(local).to(self.device)
         psi = self._aggregate_reduced(self.pca_.transform(local))
-        out = postprocess(np.asarray(psi, dtype=np.float32), self.rotation_, self.config.effective_drop, self.config.alpha)
+        if isinstance(psi, torch.Tensor):
+            psi = psi.float().cpu().numpy()
+        out = postprocess(
+            np.asarray(psi, dtype=np.float32),
+            self.rotation_,
+            self.config.effective_drop,
+            self.config.alpha,
+        )
         return np.asarray(out, dtype=np.float32)
 
     def encode_many(self, maps: Iterable[FeatureMap], progress: bool = False) -> np.ndarray:
@@ -249,20 +280,30 @@ class Encoder:
         if self._backbone is None:
             from selret.backbones import load_backbone
 
-            self._backbone = load_backbone(self.config.weights, self.config.layer, device=device)
+            self._backbone = load_backbone(self.config.weights, self.config.layer, device=device or self.device)
         return self._backbone
 
-    def feature_map(self, source, bbox=None, rotation: int = 0, name: str | None = None) -> FeatureMap:
+    def feature_map(
+        self, source, bbox=None, rotation: int = 0, name: str | None = None
+    ) -> FeatureMap:
         """Conv map (with SIFT keypoints) of one image path or bytes, prepared as this config says."""
         from selret.io import prepare_image
         from selret.masks import detect_keypoints
 
-        prepared = prepare_image(source, max_side=self.config.max_side, bbox=bbox, rotation=rotation, name=name)
+        prepared = prepare_image(
+            source, max_side=self.config.max_side, bbox=bbox, rotation=rotation, name=name
+        )
         features = self.backbone().forward_maps(prepared.rgb[None])[0]
-        keypoints = detect_keypoints(prepared.rgb) if self.config.mask == "sift" else np.zeros((0, 2), np.float32)
+        keypoints = (
+            detect_keypoints(prepared.rgb)
+            if self.config.mask == "sift"
+            else np.zeros((0, 2), np.float32)
+        )
         return FeatureMap(features, prepared.rgb.shape[:2], keypoints)
 
-    def encode_image(self, source, bbox=None, rotation: int = 0, name: str | None = None) -> np.ndarray:
+    def encode_image(
+        self, source, bbox=None, rotation: int = 0, name: str | None = None
+    ) -> np.ndarray:
         """The vector of one image file or its bytes (query crop ``bbox`` as in SPEC section 1)."""
         return self.encode(self.feature_map(source, bbox=bbox, rotation=rotation, name=name))
 
@@ -336,7 +377,9 @@ class Encoder:
         if header.get("format") != "selret-encoder":
             raise ValueError(f"{path}: not a selret encoder file")
         if header["format_version"] > FORMAT_VERSION:
-            raise ValueError(f"{path}: encoder format {header['format_version']} is newer than this selret")
+            raise ValueError(
+                f"{path}: encoder format {header['format_version']} is newer than this selret"
+            )
         state = arrays | header["scalars"]
         enc = cls(EncoderConfig.from_dict(header["config"]))
         enc.pca_ = LocalPCA.from_state(_sub(state, "pca."))

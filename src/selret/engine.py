@@ -21,6 +21,7 @@ import numpy as np
 
 from selret.encoder import Encoder
 from selret.index import ImageIndex, SearchHit
+from selret.io import image_size
 from selret.pipeline import feature_maps_for
 
 ENCODER_FILE = "encoder.npz"
@@ -44,7 +45,9 @@ def normalise_path(path: str | os.PathLike) -> str:
 class SearchEngine:
     """An ``Encoder`` plus the ``ImageIndex`` of its vectors, stored together under ``root``."""
 
-    def __init__(self, root: Path, encoder: Encoder, index: ImageIndex, cache_dir: str | Path | None = None):
+    def __init__(
+        self, root: Path, encoder: Encoder, index: ImageIndex, cache_dir: str | Path | None = None
+    ):
         self.root = root
         self.encoder = encoder
         self.index = index
@@ -52,12 +55,18 @@ class SearchEngine:
 
     @classmethod
     def create(
-        cls, root: str | Path, encoder: Encoder, kind: str = "exact", cache_dir: str | Path | None = None
+        cls,
+        root: str | Path,
+        encoder: Encoder,
+        kind: str = "exact",
+        cache_dir: str | Path | None = None,
     ) -> SearchEngine:
         """A new, empty engine at ``root`` (must not hold an engine already)."""
         root = Path(root)
         if (root / ENCODER_FILE).exists() or (root / INDEX_DIR).exists():
-            raise FileExistsError(f"{root}: already holds a selret index; use `selret index add` or another path")
+            raise FileExistsError(
+                f"{root}: already holds a selret index; use `selret index add` or another path"
+            )
         root.mkdir(parents=True, exist_ok=True)
         encoder.save(root / ENCODER_FILE)
         index = ImageIndex.create(
@@ -70,30 +79,44 @@ class SearchEngine:
         """Open the engine at ``root``; refuses an index built with another encoder."""
         root = Path(root)
         if not (root / ENCODER_FILE).is_file() or not (root / INDEX_DIR).is_dir():
-            raise FileNotFoundError(f"{root}: not a selret index (no {ENCODER_FILE} and {INDEX_DIR}/); create one with `selret index build`")
+            raise FileNotFoundError(
+                f"{root}: not a selret index (no {ENCODER_FILE} and {INDEX_DIR}/); create one with `selret index build`"
+            )
         encoder = Encoder.load(root / ENCODER_FILE)
         index = ImageIndex.open(
-            root / INDEX_DIR, expected_fingerprint=encoder.fingerprint, expected_config=encoder.config.to_dict()
+            root / INDEX_DIR,
+            expected_fingerprint=encoder.fingerprint,
+            expected_config=encoder.config.to_dict(),
         )
         return cls(root, encoder, index, cache_dir)
 
     # ------------------------------------------------------------------ indexing
 
-    def add_images(self, paths: Sequence[str | os.PathLike], progress: bool = True, device: str | None = None) -> AddReport:
+    def add_images(
+        self, paths: Sequence[str | os.PathLike], progress: bool = True, device: str | None = None
+    ) -> AddReport:
         """Encode and index the image files not indexed yet; bad files are reported, not fatal."""
         keys = [normalise_path(p) for p in paths]
         todo = self.index.missing(keys)
         report = AddReport(skipped=len(keys) - len(todo))
         if todo:
-            maps = feature_maps_for(todo, self.encoder.config, self.cache_dir, backbone=self._backbone(device), progress=progress)
+            maps = feature_maps_for(
+                todo,
+                self.encoder.config,
+                self.cache_dir,
+                backbone=self._backbone(device),
+                progress=progress,
+            )
             report.failed = [(str(p), r) for p, r in maps.report.failed]
             if len(maps):
-                # One read of each cached map gives both its vector and its size.
                 vectors, meta = [], []
-                for fmap in _progress(maps, progress):
+                for path, fmap in zip(maps.paths, _progress(maps, progress), strict=True):
                     vectors.append(self.encoder.encode(fmap))
-                    meta.append({"height": fmap.image_size[0], "width": fmap.image_size[1]})
-                report.added = len(self.index.add([str(p) for p in maps.paths], np.stack(vectors), meta))
+                    height, width = image_size(path)  # the original size, for clients
+                    meta.append({"height": height, "width": width})
+                report.added = len(
+                    self.index.add([str(p) for p in maps.paths], np.stack(vectors), meta)
+                )
         self.index.save()
         return report
 
@@ -108,8 +131,12 @@ class SearchEngine:
 
     # ------------------------------------------------------------------ searching
 
-    def search_vector(self, vector: np.ndarray, k: int = 10, query_expansion: int = 0) -> list[SearchHit]:
-        return self.index.search(np.asarray(vector, np.float32)[None], k, query_expansion=query_expansion)[0]
+    def search_vector(
+        self, vector: np.ndarray, k: int = 10, query_expansion: int = 0
+    ) -> list[SearchHit]:
+        return self.index.search(
+            np.asarray(vector, np.float32)[None], k, query_expansion=query_expansion
+        )[0]
 
     def search_image(
         self,

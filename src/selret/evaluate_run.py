@@ -243,7 +243,9 @@ def _mask_kind(method) -> str | None:
 class _QueryMaps(Sequence[FeatureMap]):
     """Query maps: a database map when the query is a full database image, else its own entry."""
 
-    def __init__(self, db: Sequence[FeatureMap], own: Sequence[FeatureMap], where: list[tuple[bool, int]]):
+    def __init__(
+        self, db: Sequence[FeatureMap], own: Sequence[FeatureMap], where: list[tuple[bool, int]]
+    ):
         self._db, self._own, self._where = db, own, where
 
     def __len__(self) -> int:
@@ -278,13 +280,29 @@ class EvalData:
     extract_seconds: float = 0.0
 
 
-def _maps(paths, weights, layer, max_side, cache_dir, backbone, bboxes=None, rotations=None, progress=False):
+def _maps(
+    paths,
+    weights,
+    layer,
+    max_side,
+    cache_dir,
+    backbone,
+    bboxes=None,
+    rotations=None,
+    progress=False,
+):
     from selret.encoder import EncoderConfig
     from selret.pipeline import feature_maps_for
 
     config = EncoderConfig(weights=weights, layer=layer, max_side=max_side)
     return feature_maps_for(
-        paths, config, cache_dir, backbone=backbone, bboxes=bboxes, rotations=rotations, progress=progress
+        paths,
+        config,
+        cache_dir,
+        backbone=backbone,
+        bboxes=bboxes,
+        rotations=rotations,
+        progress=progress,
     )
 
 
@@ -337,14 +355,25 @@ def prepare(
         rots = [benchmark.rotation(im) for im in images]
         return rots if any(rots) else None
 
-    common = dict(weights=weights, layer=layer, max_side=max_side, cache_dir=cache_dir, backbone=backbone, progress=progress)
+    common = dict(
+        weights=weights,
+        layer=layer,
+        max_side=max_side,
+        cache_dir=cache_dir,
+        backbone=backbone,
+        progress=progress,
+    )
     db = _maps(db_paths, rotations=rotations(benchmark.db_images), **common)
     _require_all(db, "database")
     # A full-image query that is a database image (leave-one-out, UKBench) reuses its map.
     where: list[tuple[bool, int]] = []
     own: list[int] = []
     for i, q in enumerate(queries):
-        if q.bbox is None and q.image_index is not None and q.image == benchmark.db_images[q.image_index]:
+        if (
+            q.bbox is None
+            and q.image_index is not None
+            and q.image == benchmark.db_images[q.image_index]
+        ):
             where.append((True, q.image_index))
         else:
             where.append((False, len(own)))
@@ -430,7 +459,9 @@ class EvalReport:
             "mp_at_k": {str(k): _num(v) for k, v in self.mp_at_k.items()},
             "top1": _num(self.top1),
             "ns_score": _num(self.ns_score),
-            "revisited": None if self.revisited is None else {k: _num(v) for k, v in self.revisited.items()},
+            "revisited": None
+            if self.revisited is None
+            else {k: _num(v) for k, v in self.revisited.items()},
             "per_group": {g: {k: _num(v) for k, v in d.items()} for g, d in self.per_group.items()},
             "kept_fraction": _num(self.kept_fraction),
             "times": {k: round(v, 3) for k, v in self.times.items()},
@@ -443,23 +474,42 @@ class EvalReport:
         m = self.method
         learn = self.learning_set
         rows = [
-            ("dataset", f"{self.dataset} ({self.protocol}): {self.n_db} database images, {self.n_queries} queries"),
+            (
+                "dataset",
+                f"{self.dataset} ({self.protocol}): {self.n_db} database images, {self.n_queries} queries",
+            ),
             ("method", m.get("method")),
-            ("backbone", f"VGG16 ({m.get('weights')}), {m.get('layer')}, longest side {m.get('max_side')} px"),
-            ("mask / embedding / aggregation", f"{m.get('mask')} / {m.get('embedding')} / {m.get('aggregation')}"),
+            (
+                "backbone",
+                f"VGG16 ({m.get('weights')}), {m.get('layer')}, longest side {m.get('max_side')} px",
+            ),
+            (
+                "mask / embedding / aggregation",
+                f"{m.get('mask')} / {m.get('embedding')} / {m.get('aggregation')}",
+            ),
             ("post-processing", m.get("whitening")),
             ("D", self.dim),
             ("learning set", f"{learn.get('name') or 'none'} ({learn.get('n_images', 0)} images)"),
             ("mAP", _pct(self.map)),
-            ("mP@" + "/".join(str(k) for k in self.mp_at_k), " / ".join(_pct(v) for v in self.mp_at_k.values())),
+            (
+                "mP@" + "/".join(str(k) for k in self.mp_at_k),
+                " / ".join(_pct(v) for v in self.mp_at_k.values()),
+            ),
             ("top-1 accuracy", _pct(self.top1)),
         ]
         if self.ns_score is not None:
             rows.append(("N-S score (of 4)", f"{self.ns_score:.2f}"))
         if self.revisited:
-            rows.append(("revisited E / M / H", " / ".join(_pct(v) for v in self.revisited.values())))
+            rows.append(
+                ("revisited E / M / H", " / ".join(_pct(v) for v in self.revisited.values()))
+            )
         rows.append(("features kept by the mask", _pct(self.kept_fraction)))
-        rows.append(("time (s): extract / fit / encode / search", " / ".join(f"{self.times[k]:.1f}" for k in ("extract", "fit", "encode", "search"))))
+        rows.append(
+            (
+                "time (s): extract / fit / encode / search",
+                " / ".join(f"{self.times[k]:.1f}" for k in ("extract", "fit", "encode", "search")),
+            )
+        )
         lines = ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
         if self.per_group:
             lines += ["", "| group | queries | mAP | top-1 |", "|---|---|---|---|"]
@@ -536,9 +586,7 @@ def encode_data(method, data: EvalData) -> tuple[np.ndarray, np.ndarray, float]:
     return db_vecs, q_vecs, float(np.mean(kept))
 
 
-def score(
-    benchmark: RetrievalBenchmark, ranks: np.ndarray, kappas: Sequence[int] = KAPPAS
-) -> dict:
+def score(benchmark: RetrievalBenchmark, ranks: np.ndarray, kappas: Sequence[int] = KAPPAS) -> dict:
     """Every metric of ``benchmark`` for (n_db, n_q) ``ranks``: mAP, mP@k, per-query AP,
     top-1 accuracy, per-group mAP / top-1 (when the queries have at most ``MAX_GROUPS``
     categories), the N-S score for UKBench and Easy/Medium/Hard mAP for revisited ground truth."""
@@ -564,7 +612,9 @@ def score(
         maps_g = mean_by_group(result.aps, cats)
         top1_g = mean_by_group(hits, cats)
         counts = {c: cats.count(c) for c in maps_g}
-        out["per_group"] = {c: {"n": counts[c], "map": maps_g[c], "top1": top1_g[c]} for c in maps_g}
+        out["per_group"] = {
+            c: {"n": counts[c], "map": maps_g[c], "top1": top1_g[c]} for c in maps_g
+        }
     if benchmark.name == "ukbench":
         groups = ukbench_groups(benchmark)
         out["ns_score"] = ukbench_ns_score(ranks, groups, groups[[q.image_index for q in queries]])
@@ -597,10 +647,20 @@ def run(data: EvalData, method, label: str | None = None, progress: bool = False
         times["fit"] = time.perf_counter() - t
         learning = {"name": data.learn_name, "n_images": len(data.learn), "disjoint_checked": True}
     elif isinstance(method, Encoder):
-        learning = {"name": "fitted encoder (learning set not recorded)", "n_images": method.n_train_images_, "disjoint_checked": False}
-        notes.append("the encoder was fitted elsewhere: its learning set could not be checked for overlap")
+        learning = {
+            "name": "fitted encoder (learning set not recorded)",
+            "n_images": method.n_train_images_,
+            "disjoint_checked": False,
+        }
+        notes.append(
+            "the encoder was fitted elsewhere: its learning set could not be checked for overlap"
+        )
     elif getattr(method, "whitening_", None) is not None:
-        learning = {"name": "pre-fitted whitening", "n_images": method.n_train_images_, "disjoint_checked": False}
+        learning = {
+            "name": "pre-fitted whitening",
+            "n_images": method.n_train_images_,
+            "disjoint_checked": False,
+        }
     else:
         learning = {"name": None, "n_images": 0, "disjoint_checked": True}
     if data.learn_failed:
@@ -635,7 +695,9 @@ def run(data: EvalData, method, label: str | None = None, progress: bool = False
             "top1": _num(hit),
             "top": ranks[:TOP_KEPT, i].tolist(),
         }
-        for i, (q, ap, hit) in enumerate(zip(bench.queries, metrics["aps"], metrics["top1_per_query"], strict=True))
+        for i, (q, ap, hit) in enumerate(
+            zip(bench.queries, metrics["aps"], metrics["top1_per_query"], strict=True)
+        )
     ]
     return EvalReport(
         dataset=bench.name,

@@ -104,7 +104,11 @@ class Setup:
 
     def config(self, preset: str | None = None, **fields) -> EncoderConfig:
         """An EncoderConfig at this setup's extraction setting: ``preset`` + ``base`` + ``fields``."""
-        fields = {"weights": self.weights, "layer": self.layer, "max_side": self.max_side} | self.base | fields
+        fields = (
+            {"weights": self.weights, "layer": self.layer, "max_side": self.max_side}
+            | self.base
+            | fields
+        )
         if preset is not None:
             return EncoderConfig.from_preset(preset, **fields)
         return EncoderConfig(**fields)
@@ -112,7 +116,9 @@ class Setup:
     def run_encoder(self, config: EncoderConfig, label: str | None = None) -> EvalReport:
         return run(self.data(config.layer, config.max_side), Encoder(config), label=label)
 
-    def run_baseline(self, name: str, whiten: bool = False, label: str | None = None, **params) -> EvalReport:
+    def run_baseline(
+        self, name: str, whiten: bool = False, label: str | None = None, **params
+    ) -> EvalReport:
         method = BaselineEncoder(
             name, whiten=whiten, weights=self.weights, layer=self.layer, max_side=self.max_side,
             label=label, **params,
@@ -256,8 +262,12 @@ def _metric_columns(setup: Setup) -> list[str]:
     return cols
 
 
-def _result(name: str, title: str, setup: Setup, columns, rows, start: float, **extra) -> ExperimentResult:
-    return ExperimentResult(name, title, list(columns), rows, setup.describe(), extra, time.perf_counter() - start)
+def _result(
+    name: str, title: str, setup: Setup, columns, rows, start: float, **extra
+) -> ExperimentResult:
+    return ExperimentResult(
+        name, title, list(columns), rows, setup.describe(), extra, time.perf_counter() - start
+    )
 
 
 # --------------------------------------------------------------------------- experiments
@@ -278,11 +288,20 @@ def frameworks(
             report = setup.run_encoder(setup.config(**fields, mask=mask), label=label)
             rows.append(_row(report, framework=label, mask=mask))
     cols = ["framework", "mask", *_metric_columns(setup), "fit s"]
-    return _result("frameworks", "Embedding and aggregation frameworks x masks (paper Table 3)", setup, cols, rows, start)
+    return _result(
+        "frameworks",
+        "Embedding and aggregation frameworks x masks (paper Table 3)",
+        setup,
+        cols,
+        rows,
+        start,
+    )
 
 
 def dimensions(
-    setup: Setup, presets: Sequence[str] = DIM_PRESETS, masks: Sequence[str] = ("sift", "sum", "max")
+    setup: Setup,
+    presets: Sequence[str] = DIM_PRESETS,
+    masks: Sequence[str] = ("sift", "sum", "max"),
 ) -> ExperimentResult:
     """Paper Figure 4: mAP against the final dimension D (T-emb + democratic presets), per mask.
 
@@ -296,7 +315,9 @@ def dimensions(
             report = setup.run_encoder(setup.config(name, mask=mask), label=name)
             rows.append(_row(report, preset=name, mask=mask))
     cols = ["mask", "preset", *_metric_columns(setup), "learned comps", "fit s"]
-    return _result("dims", "mAP against the final dimension D (paper Figure 4)", setup, cols, rows, start)
+    return _result(
+        "dims", "mAP against the final dimension D (paper Figure 4)", setup, cols, rows, start
+    )
 
 
 def image_sizes(
@@ -310,7 +331,9 @@ def image_sizes(
     rows = []
     for size in sizes:
         for mask in masks:
-            report = setup.run_encoder(setup.config(preset, mask=mask, max_side=int(size)), label=preset)
+            report = setup.run_encoder(
+                setup.config(preset, mask=mask, max_side=int(size)), label=preset
+            )
             rows.append(_row(report, size=int(size), mask=mask))
     cols = ["size", "mask", *_metric_columns(setup), "kept %"]
     return _result("image-size", f"Image size ({preset}; paper Table 5)", setup, cols, rows, start)
@@ -330,7 +353,14 @@ def layers(
             report = setup.run_encoder(setup.config(preset, mask=mask, layer=layer), label=preset)
             rows.append(_row(report, layer=layer, mask=mask))
     cols = ["layer", "mask", *_metric_columns(setup), "kept %"]
-    return _result("layers", f"Layer of the local features ({preset}; paper Figure 5)", setup, cols, rows, start)
+    return _result(
+        "layers",
+        f"Layer of the local features ({preset}; paper Figure 5)",
+        setup,
+        cols,
+        rows,
+        start,
+    )
 
 
 def alphas(
@@ -355,7 +385,9 @@ def alphas(
         fit_s = time.perf_counter() - t
         db, q, kept = encode_data(encoder, data)
         for a in alphas:
-            ranks = rank_by_inner_product(l2_normalize(power_law(q, a)), l2_normalize(power_law(db, a)))
+            ranks = rank_by_inner_product(
+                l2_normalize(power_law(q, a)), l2_normalize(power_law(db, a))
+            )
             m = score(setup.benchmark, ranks)
             rows.append({
                 "mask": mask, "alpha": float(a), "D": encoder.dim, "mAP": _nan_to_none(m["map"]),
@@ -363,7 +395,9 @@ def alphas(
                 "fit s": round(fit_s, 1),
             })  # fmt: skip
     cols = ["mask", "alpha", *_metric_columns(setup)]
-    return _result("alpha", f"Power-law exponent alpha ({preset}; paper Figure 3)", setup, cols, rows, start)
+    return _result(
+        "alpha", f"Power-law exponent alpha ({preset}; paper Figure 3)", setup, cols, rows, start
+    )
 
 
 def feature_correlations(fmap, mask: np.ndarray, bins: np.ndarray) -> tuple[np.ndarray, float, int]:
@@ -432,9 +466,24 @@ def baselines(
         for mask in masks:
             config = setup.config(name, mask=mask)
             report = setup.run_encoder(config, label=name)
-            rows.append(_row(report, method=f"{mask.upper()}-mask T-emb+demo" if config.embedding == "temb" else name, mask=mask))
+            rows.append(
+                _row(
+                    report,
+                    method=f"{mask.upper()}-mask T-emb+demo"
+                    if config.embedding == "temb"
+                    else name,
+                    mask=mask,
+                )
+            )
     cols = ["method", "mask", *_metric_columns(setup), "kept %", "learned comps"]
-    return _result("baselines", "Comparison with the baselines on the same conv maps (paper Table 6)", setup, cols, rows, start)
+    return _result(
+        "baselines",
+        "Comparison with the baselines on the same conv maps (paper Table 6)",
+        setup,
+        cols,
+        rows,
+        start,
+    )
 
 
 EXPERIMENTS = {

@@ -33,6 +33,8 @@ from selret.errors import (
 )
 
 __all__ = [
+    "image_size",
+    "parse_bbox",
     "DEFAULT_MAX_PIXELS",
     "IMAGE_EXTENSIONS",
     "MIN_IMAGE_SIDE",
@@ -192,6 +194,21 @@ def load_image(
     return np.ascontiguousarray(rgb)
 
 
+def image_size(source: str | Path | bytes, name: str | None = None) -> tuple[int, int]:
+    """(height, width) of an image as :func:`load_image` would return it (EXIF orientation
+    applied), read from the header alone. Raises the same typed errors for unreadable files."""
+    label = _source_name(source, name)
+    try:
+        with Image.open(_open_bytes(source, label)) as img:
+            width, height = img.size
+            # EXIF orientations 5-8 are transposed (rotated by 90 degrees): swap the sides.
+            if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):
+                width, height = height, width
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise CorruptImageError(label, f"unreadable image header: {exc}") from None
+    return height, width
+
+
 def _mode_name(img: Image.Image) -> str:
     """``FORMAT mode`` of a Pillow image, for error messages."""
     return f"{img.format or 'unknown format'} {img.mode}"
@@ -261,6 +278,27 @@ class PreparedImage:
     def size(self) -> tuple[int, int]:
         """(height, width) of ``rgb``."""
         return self.rgb.shape[0], self.rgb.shape[1]
+
+
+def parse_bbox(text: str | None) -> list[float] | None:
+    """``"x1,y1,x2,y2"`` (original-image pixels) -> four floats; None or blank -> None.
+
+    Only the syntax is checked here; order, finiteness and overlap with the image are checked by
+    :mod:`selret.io` once the image size is known. Raises BoundingBoxError.
+    """
+    if text is None or not text.strip():
+        return None
+    parts = text.split(",")
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) != 4:
+        raise BoundingBoxError(
+            "bbox", f"{text[:100]!r} is not four comma-separated numbers x1,y1,x2,y2"
+        )
+    return values
+
 
 
 def _validate_bbox(

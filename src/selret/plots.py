@@ -94,8 +94,14 @@ def contact_sheet(
         for j in range(k):
             idx = int(ranks[j, qi])
             colour = POSITIVE if idx in positives else JUNK if idx in junk else NEGATIVE
-            img = thumbnail(benchmark.image_path(idx), size, None, benchmark.rotation(benchmark.db_images[idx]))
-            _show(axes[row, j + 1], with_border(img, colour), f"{j + 1}. {Path(benchmark.db_images[idx]).stem}")
+            img = thumbnail(
+                benchmark.image_path(idx), size, None, benchmark.rotation(benchmark.db_images[idx])
+            )
+            _show(
+                axes[row, j + 1],
+                with_border(img, colour),
+                f"{j + 1}. {Path(benchmark.db_images[idx]).stem}",
+            )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
@@ -122,7 +128,14 @@ def _grouped_bars(ax, rows, group_key: str, series_key: str, value: str = "mAP")
     x = np.arange(len(groups))
     for i, s in enumerate(series):
         vals = [
-            next((_pct(r[value]) for r in rows if str(r[group_key]) == g and str(r[series_key]) == s), np.nan)
+            next(
+                (
+                    _pct(r[value])
+                    for r in rows
+                    if str(r[group_key]) == g and str(r[series_key]) == s
+                ),
+                np.nan,
+            )
             for g in groups
         ]
         ax.bar(x + (i - (len(series) - 1) / 2) * width, vals, width, label=s)
@@ -132,7 +145,9 @@ def _grouped_bars(ax, rows, group_key: str, series_key: str, value: str = "mAP")
     ax.grid(axis="y", alpha=0.3)
 
 
-def _curves(ax, rows, x_key: str, series_key: str, value: str = "mAP", categorical: bool = False) -> None:
+def _curves(
+    ax, rows, x_key: str, series_key: str, value: str = "mAP", categorical: bool = False
+) -> None:
     xs_all = list(dict.fromkeys(r[x_key] for r in rows))
     for s in dict.fromkeys(r[series_key] for r in rows):
         pts = [(r[x_key], _pct(r[value])) for r in rows if r[series_key] == s]
@@ -160,6 +175,10 @@ def _plot_masks(fig, result) -> None:
     centres = (bins[:-1] + bins[1:]) / 2
     for mask, hist in result.extra["histograms"].items():
         ax1.plot(centres, hist, label=mask)
+    # Zoom on the occupied range: post-ReLU features are never negatively correlated.
+    occupied = np.flatnonzero(np.sum(list(result.extra["histograms"].values()), axis=0) > 0)
+    if occupied.size:
+        ax1.set_xlim(bins[occupied[0]] - 0.05, bins[occupied[-1] + 1] + 0.05)
     ax1.set_xlabel("cosine similarity of two kept local features of one image")
     ax1.set_ylabel("fraction of pairs")
     ax1.legend(title="mask", fontsize=7)
@@ -168,8 +187,11 @@ def _plot_masks(fig, result) -> None:
     ax2.bar(names, [_pct(r["kept %"]) for r in result.rows], yerr=[_pct(r["kept sd"]) for r in result.rows],
             color="tab:gray", label="features kept (%)")  # fmt: skip
     if any(r.get("mAP") is not None for r in result.rows):
-        ax2.plot(names, [_pct(r.get("mAP")) for r in result.rows], "o-", color="tab:red", label="mAP (%)")
+        ax2.plot(
+            names, [_pct(r.get("mAP")) for r in result.rows], "o-", color="tab:red", label="mAP (%)"
+        )
     ax2.set_ylim(0, 100)
+    ax2.set_ylabel("%")
     ax2.legend(fontsize=7)
     ax2.grid(axis="y", alpha=0.3)
 
@@ -180,7 +202,8 @@ def _plot_baselines(fig, result) -> None:
     labels = [f"{r['method']} ({r['D']}-D)" for r in rows]
     colours = ["tab:gray" if r["mask"] == "-" else "tab:blue" for r in rows]
     y = np.arange(len(rows))
-    ax.barh(y, [_pct(r["mAP"]) for r in rows], color=colours)
+    bars = ax.barh(y, [_pct(r["mAP"]) for r in rows], color=colours)
+    ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=2)
     ax.set_yticks(y, labels, fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("mAP (%)")
@@ -190,7 +213,9 @@ def _plot_baselines(fig, result) -> None:
 def plot_experiment(result, path: str | Path) -> Path:
     """Save the figure of an experiment result as a PNG at ``path``."""
     tall = result.name == "baselines"
-    fig = _figure(10 if result.name == "masks" else 7, max(4.0, 0.35 * len(result.rows)) if tall else 4.5)
+    fig = _figure(
+        10 if result.name == "masks" else 7, max(4.0, 0.35 * len(result.rows)) if tall else 4.5
+    )
     name = result.name
     if name == "frameworks":
         _grouped_bars(fig.subplots(), result.rows, "framework", "mask")
@@ -209,7 +234,10 @@ def plot_experiment(result, path: str | Path) -> Path:
     else:
         raise ValueError(f"no figure for experiment {name!r}")
     s = result.setup
-    fig.suptitle(f"{result.title}\n{s['dataset']} ({s['protocol']}), learning set {s['learning_set']['name']}", fontsize=9)
+    fig.suptitle(
+        f"{result.title}\n{s['dataset']} ({s['protocol']}), learning set {s['learning_set']['name']}",
+        fontsize=9,
+    )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)

@@ -49,12 +49,12 @@ from selret.errors import (
     ImageTooSmallError,
 )
 from selret.index import SearchHit
+from selret.io import parse_bbox
 
 __all__ = [
     "DEFAULT_MAX_UPLOAD_BYTES",
     "SearchService",
     "create_app",
-    "parse_bbox",
     "run",
     "serve_in_background",
 ]
@@ -99,26 +99,6 @@ _WEB_FILES = {
 def error_status(error: ImageError) -> int:
     """The HTTP status code for an image error."""
     return next(_IMAGE_ERROR_STATUS[c] for c in type(error).__mro__ if c in _IMAGE_ERROR_STATUS)
-
-
-def parse_bbox(text: str | None) -> list[float] | None:
-    """``"x1,y1,x2,y2"`` (original-image pixels) -> four floats; None or blank -> None.
-
-    Only the syntax is checked here; order, finiteness and overlap with the image are checked by
-    :mod:`selret.io` once the image size is known. Raises BoundingBoxError.
-    """
-    if text is None or not text.strip():
-        return None
-    parts = text.split(",")
-    try:
-        values = [float(p) for p in parts]
-    except ValueError:
-        values = []
-    if len(values) != 4:
-        raise BoundingBoxError(
-            "bbox", f"{text[:100]!r} is not four comma-separated numbers x1,y1,x2,y2"
-        )
-    return values
 
 
 # ===================================================================== the service

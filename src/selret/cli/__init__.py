@@ -8,6 +8,7 @@ from selret.cli import demo as _demo  # noqa: F401
 from selret.cli import encoder as _encoder  # noqa: F401
 from selret.cli import extract as _extract  # noqa: F401
 from selret.cli import index as _index  # noqa: F401
+from selret.cli import serve as _serve  # noqa: F401
 from selret.cli._app import app
 
 

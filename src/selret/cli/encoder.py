@@ -23,9 +23,17 @@ def config_from_options(
 
 @app.command()
 def fit(
-    learn: Path = typer.Argument(..., help="Learning-set images: a folder or a list file. Must be disjoint from what you will evaluate."),
-    out: Path = typer.Option(Path("encoder.npz"), "--out", "-o", help="Where to write the fitted encoder."),
-    preset: str | None = typer.Option(None, help="A paper preset: temb-demo-512/1024/2048/4096/8064, fv-4224, vlad-4224, temb-4224, faemb-4224 [default: temb-demo-512]."),
+    learn: Path = typer.Argument(
+        ...,
+        help="Learning-set images: a folder or a list file. Must be disjoint from what you will evaluate.",
+    ),
+    out: Path = typer.Option(
+        Path("encoder.npz"), "--out", "-o", help="Where to write the fitted encoder."
+    ),
+    preset: str | None = typer.Option(
+        None,
+        help="A paper preset: temb-demo-512/1024/2048/4096/8064, fv-4224, vlad-4224, temb-4224, faemb-4224 [default: temb-demo-512].",
+    ),
     mask: str | None = typer.Option(None, help="sift, sum, max or none [preset: max]."),
     embedding: str | None = typer.Option(None, help="temb, vlad, fv or faemb."),
     aggregation: str | None = typer.Option(None, help="sum, average or democratic."),
@@ -33,12 +41,16 @@ def fit(
     k: int | None = typer.Option(None, help="Codebook size."),
     alpha: float | None = typer.Option(None, help="Power-law exponent (1 = none) [0.5]."),
     rotation: str | None = typer.Option(None, help="rotation, whitening or none [rotation]."),
-    drop: int | None = typer.Option(None, help="Leading rotated components to drop [128 for temb, d(d+1) for faemb, else 0]."),
+    drop: int | None = typer.Option(
+        None, help="Leading rotated components to drop [128 for temb, d(d+1) for faemb, else 0]."
+    ),
     weights: str | None = typer.Option(None, help="Backbone weights [vgg16-caffe]."),
     layer: str | None = typer.Option(None, help="Backbone layer [pool5]."),
     max_side: int | None = typer.Option(None, "--max-side", help="Longest image side [1024]."),
     seed: int | None = typer.Option(None, help="Random seed [0]."),
-    cache: Path | None = typer.Option(None, help="Feature cache [$SELRET_CACHE or ~/.cache/selret/features]."),
+    cache: Path | None = typer.Option(
+        None, help="Feature cache [$SELRET_CACHE or ~/.cache/selret/features]."
+    ),
     device: str | None = typer.Option(None, help="auto, cpu or cuda."),
 ) -> None:
     """Learn an encoder (PCA, codebook, whitening, rotation) on a held-out learning set."""
@@ -66,9 +78,18 @@ def fit(
 @app.command()
 def encode(
     input: Path = typer.Argument(..., help="Images: a folder or a list file."),
-    encoder_path: Path = typer.Option(..., "--encoder", "-e", help="A fitted encoder (.npz from `selret fit`)."),
-    out: Path = typer.Option(Path("vectors.npz"), "--out", "-o", help="Output .npz with `vectors` (N x D float32) and `paths`."),
-    cache: Path | None = typer.Option(None, help="Feature cache [$SELRET_CACHE or ~/.cache/selret/features]."),
+    encoder_path: Path = typer.Option(
+        ..., "--encoder", "-e", help="A fitted encoder (.npz from `selret fit`)."
+    ),
+    out: Path = typer.Option(
+        Path("vectors.npz"),
+        "--out",
+        "-o",
+        help="Output .npz with `vectors` (N x D float32) and `paths`.",
+    ),
+    cache: Path | None = typer.Option(
+        None, help="Feature cache [$SELRET_CACHE or ~/.cache/selret/features]."
+    ),
     device: str | None = typer.Option(None, help="auto, cpu or cuda."),
 ) -> None:
     """Encode images into global vectors with a fitted encoder."""
@@ -86,7 +107,12 @@ def encode(
     _report_failures(maps.report)
     vectors = encoder.encode_many(maps, progress=True)
     out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(out, vectors=vectors, paths=np.array([str(p) for p in maps.paths]), fingerprint=np.array(encoder.fingerprint))
+    np.savez(
+        out,
+        vectors=vectors,
+        paths=np.array([str(p) for p in maps.paths]),
+        fingerprint=np.array(encoder.fingerprint),
+    )
     typer.echo(f"encoded {len(vectors)} images into {vectors.shape[1]}-D vectors -> {out}")
 
 

@@ -9,7 +9,10 @@ import typer
 
 from selret.cli._app import app
 
-index_app = typer.Typer(help="Create and maintain a persistent image index (encoder + faiss vectors + SQLite catalog).", no_args_is_help=True)
+index_app = typer.Typer(
+    help="Create and maintain a persistent image index (encoder + faiss vectors + SQLite catalog).",
+    no_args_is_help=True,
+)
 app.add_typer(index_app, name="index")
 
 ENGINE_HELP = "Index directory (holds encoder.npz and index/)."
@@ -25,7 +28,9 @@ def _images(source: Path) -> list[Path]:
 
 
 def _print_add_report(report) -> None:
-    typer.echo(f"added {report.added}, already indexed {report.skipped}, failed {len(report.failed)}")
+    typer.echo(
+        f"added {report.added}, already indexed {report.skipped}, failed {len(report.failed)}"
+    )
     for path, reason in report.failed:
         typer.echo(f"  failed {path}: {reason}", err=True)
 
@@ -34,14 +39,20 @@ def _print_add_report(report) -> None:
 def build(
     engine_dir: Path = typer.Argument(..., help=ENGINE_HELP),
     images: Path = typer.Argument(..., help="Images to index: a folder or a list file."),
-    encoder_path: Path | None = typer.Option(None, "--encoder", "-e", help="A fitted encoder (from `selret fit`)."),
-    learn: Path | None = typer.Option(None, help="Fit a new encoder on these held-out images instead of --encoder."),
+    encoder_path: Path | None = typer.Option(
+        None, "--encoder", "-e", help="A fitted encoder (from `selret fit`)."
+    ),
+    learn: Path | None = typer.Option(
+        None, help="Fit a new encoder on these held-out images instead of --encoder."
+    ),
     preset: str | None = typer.Option(None, help="Preset for --learn [temb-demo-512]."),
     mask: str | None = typer.Option(None, help="Mask for --learn [max]."),
     max_side: int | None = typer.Option(None, "--max-side", help="Image size for --learn [1024]."),
     weights: str | None = typer.Option(None, help="Backbone weights for --learn [vgg16-caffe]."),
     kind: str = typer.Option("exact", help="exact, hnsw, ivfpq or auto (by collection size)."),
-    cache: Path | None = typer.Option(None, help="Feature cache [$SELRET_CACHE or ~/.cache/selret/features]."),
+    cache: Path | None = typer.Option(
+        None, help="Feature cache [$SELRET_CACHE or ~/.cache/selret/features]."
+    ),
 ) -> None:
     """Create an index from an encoder (or fit one on --learn) and add IMAGES to it."""
     from selret.encoder import Encoder
@@ -66,7 +77,9 @@ def build(
 @index_app.command("add")
 def add(
     engine_dir: Path = typer.Argument(..., help=ENGINE_HELP),
-    images: Path = typer.Argument(..., help="Images to add: a folder or a list file. Indexed ones are skipped."),
+    images: Path = typer.Argument(
+        ..., help="Images to add: a folder or a list file. Indexed ones are skipped."
+    ),
     cache: Path | None = typer.Option(None, help="Feature cache."),
 ) -> None:
     """Add images to an index (incremental: already-indexed images are skipped)."""
@@ -102,22 +115,28 @@ def info(
     if as_json:
         typer.echo(json.dumps(data, indent=2))
         return
-    for key in ("engine_path", "count", "dim", "kind", "index_kind", "encoder", "encoder_fingerprint", "disk_bytes"):
+    for key in (
+        "engine_path",
+        "count",
+        "dim",
+        "kind",
+        "index_kind",
+        "encoder",
+        "encoder_fingerprint",
+        "disk_bytes",
+    ):
         typer.echo(f"{key:20s} {data[key]}")
 
 
-def parse_bbox(text: str | None) -> tuple[float, float, float, float] | None:
-    """'x1,y1,x2,y2' -> four floats (original-image pixels), or a clear error."""
-    if text is None:
-        return None
-    parts = text.split(",")
+def parse_bbox(text: str | None) -> list[float] | None:
+    """--bbox 'x1,y1,x2,y2' -> four floats, or a usage error."""
+    from selret.errors import BoundingBoxError
+    from selret.io import parse_bbox as parse
+
     try:
-        values = tuple(float(p) for p in parts)
-    except ValueError:
-        values = ()
-    if len(values) != 4:
-        raise typer.BadParameter(f"{text!r}: expected four numbers x1,y1,x2,y2", param_hint="--bbox")
-    return values
+        return parse(text)
+    except BoundingBoxError as exc:
+        raise typer.BadParameter(exc.reason, param_hint="--bbox") from None
 
 
 @app.command()
@@ -125,8 +144,12 @@ def search(
     image: Path = typer.Argument(..., help="Query image."),
     engine_dir: Path = typer.Option(..., "--index", "-i", help=ENGINE_HELP),
     top: int = typer.Option(10, "--top", "-k", min=1, help="Number of results."),
-    bbox: str | None = typer.Option(None, help="Query region x1,y1,x2,y2 in original-image pixels."),
-    qe: int = typer.Option(0, "--qe", min=0, help="Average query expansion with the top N results (0 = off)."),
+    bbox: str | None = typer.Option(
+        None, help="Query region x1,y1,x2,y2 in original-image pixels."
+    ),
+    qe: int = typer.Option(
+        0, "--qe", min=0, help="Average query expansion with the top N results (0 = off)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """Search an index with a query image; prints the ranked results."""
@@ -140,8 +163,12 @@ def search(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     if as_json:
-        rows = [{"rank": r, "id": h.id, "score": h.score, "path": h.path} for r, h in enumerate(hits, 1)]
-        typer.echo(json.dumps({"query": str(image), "bbox": parse_bbox(bbox), "results": rows}, indent=2))
+        rows = [
+            {"rank": r, "id": h.id, "score": h.score, "path": h.path} for r, h in enumerate(hits, 1)
+        ]
+        typer.echo(
+            json.dumps({"query": str(image), "bbox": parse_bbox(bbox), "results": rows}, indent=2)
+        )
         return
     typer.echo(f"{'rank':>4}  {'score':>7}  path")
     for r, h in enumerate(hits, 1):
