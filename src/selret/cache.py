@@ -67,7 +67,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
+def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
     """Create or replace ``path`` with what ``write(fh)`` writes, all or nothing.
 
     The data goes to a temporary file in the same directory (same file system, so the rename is
@@ -211,7 +211,7 @@ class FeatureCache:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._write_manifest(key)
         storage = _STORAGE_DTYPES[self.storage]
-        _atomic_write(
+        atomic_write(
             path,
             lambda fh: np.savez(
                 fh,
@@ -255,4 +255,4 @@ class FeatureCache:
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
-        _atomic_write(target, lambda fh: fh.write(text.encode()))
+        atomic_write(target, lambda fh: fh.write(text.encode()))

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from selret.cache import _atomic_write
+from selret.cache import atomic_write
 from selret.encoder import Encoder
 from selret.engine import ENCODER_FILE, INDEX_DIR, SearchEngine, normalise_path
 from selret.errors import ConfigMismatchError, ImageError
@@ -146,15 +146,19 @@ def read_failures(shard_dir: str | os.PathLike) -> list[dict]:
     failures: dict[str, dict] = {}
     # Oldest first, so the most recent failure of a path wins.
     for shard in sorted(shard_files, key=lambda f: f.stat().st_mtime):
-        log = _failures_path(shard)
-        if not log.is_file():
-            continue
-        for line in log.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                record = json.loads(line)
-                if record["path"] not in encoded:
-                    failures[record["path"]] = record
+        for record in _shard_failures(shard):
+            if record["path"] not in encoded:
+                failures[record["path"]] = record
     return list(failures.values())
+
+
+def _shard_failures(shard_path: Path) -> list[dict]:
+    """The failure records written with one shard (none if its failures file is missing)."""
+    log = _failures_path(shard_path)
+    if not log.is_file():
+        return []
+    lines = log.read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
 
 
 def _check_fingerprint(shard_file: Path, fingerprint: str, against: str) -> None:
@@ -311,8 +315,8 @@ def write_shard(
         if not good
     )
     # The failures first, the npz last: a finished npz implies its failures file is complete.
-    _atomic_write(_failures_path(shard), lambda fh: fh.write(failures.encode()))
-    _atomic_write(
+    atomic_write(_failures_path(shard), lambda fh: fh.write(failures.encode()))
+    atomic_write(
         shard,
         lambda fh: np.savez(
             fh,
@@ -433,8 +437,9 @@ def encode_collection(
     cluster has GPUs, else 0 (CPU). ``concurrency``: actor-pool size, or ``(min, max)`` to let
     Ray Data scale the pool; None: one actor per GPU share, or per ``cpus_per_worker`` CPUs
     minus one CPU kept for decoding. ``ray_address``: cluster to connect to (``"auto"``,
-    ``"ray://host:10001"``); None uses the Ray instance this process has already started, or
-    ``$RAY_ADDRESS``, or starts a local one (shut down again at the end).
+    ``"ray://host:10001"``); None: ``$RAY_ADDRESS``, else a new local Ray instance. A process
+    already connected to Ray keeps its connection (``ray_address`` is then ignored); a Ray
+    instance this call started or connected to is shut down at the end.
     """
     import ray
 
@@ -509,11 +514,11 @@ def encode_collection(
             ray.shutdown()
     summary.shards = sorted({out / row["shard"] for row in rows})
     summary.n_encoded = sum(int(row["n_vectors"]) for row in rows)
-    for shard_file in summary.shards:
-        for line in _failures_path(shard_file).read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                record = json.loads(line)
-                summary.failed.append((record["path"], f"{record['error']}: {record['reason']}"))
+    summary.failed = [
+        (record["path"], f"{record['error']}: {record['reason']}")
+        for shard_file in summary.shards
+        for record in _shard_failures(shard_file)
+    ]
     return summary
 
 

@@ -15,8 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import tempfile
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 
 from selret import __version__
 from selret.aggregation import AGGREGATIONS, aggregate
+from selret.cache import atomic_write
 from selret.embeddings import KINDS as EMBEDDINGS
 from selret.embeddings import Embedder, embedding_dim
 from selret.features import FeatureMap
@@ -35,6 +35,12 @@ from selret.preprocessing import LocalPCA
 from selret.presets import DEFAULT_PRESET, preset
 
 ROTATIONS = ("rotation", "whitening", "none")
+
+
+class SmallLearningSetWarning(UserWarning):
+    """The learning set has fewer images than the rotation has dimensions."""
+
+
 FORMAT_VERSION = 1
 
 
@@ -227,6 +233,17 @@ class Encoder:
         ).fit(train_reduced)
         # Pass 2: aggregated vectors of the learning images for the rotation.
         if c.rotation != "none":
+            if len(selected) <= c.embedding_dim:
+                # The rotation learns at most N - 1 directions; the rest is an arbitrary completion
+                # of the basis (SPEC 6). It works, but small differences in the input can move
+                # vectors a lot along poorly learned directions.
+                warnings.warn(
+                    f"{len(selected)} learning images for a {c.embedding_dim}-D rotation: only "
+                    f"{len(selected) - 1} directions are learned, the rest completes the basis; "
+                    "more learning images give a better-conditioned encoder",
+                    SmallLearningSetWarning,
+                    stacklevel=2,
+                )
             psi = np.stack(
                 [self._aggregate_reduced(r) for r in _tqdm(reduced, progress, "fit: rotation")]
             )
@@ -280,7 +297,9 @@ class Encoder:
         if self._backbone is None:
             from selret.backbones import load_backbone
 
-            self._backbone = load_backbone(self.config.weights, self.config.layer, device=device or self.device)
+            self._backbone = load_backbone(
+                self.config.weights, self.config.layer, device=device or self.device
+            )
         return self._backbone
 
     def feature_map(
@@ -351,16 +370,7 @@ class Encoder:
         }
         arrays["__header__"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, **arrays)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(path, lambda fh: np.savez(fh, **arrays))
         return path
 
     @classmethod
@@ -412,4 +422,4 @@ def _tqdm(iterable, progress: bool, desc: str):
     return tqdm(iterable, desc=desc, unit="img")
 
 
-__all__ = ["Encoder", "EncoderConfig", "ROTATIONS"]
+__all__ = ["Encoder", "EncoderConfig", "ROTATIONS", "SmallLearningSetWarning"]

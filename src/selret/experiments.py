@@ -67,6 +67,7 @@ LAYERS = ("conv4_1", "conv4_2", "conv4_3", "conv5_1", "conv5_2", "conv5_3", "poo
 BASELINE_NAMES = ("spoc", "mac", "gem", "rmac", "crow")
 # Histogram of local-feature correlations (cosine similarities lie in [-1, 1]).
 CORRELATION_BINS = 100
+MD_MAX_GROUPS = 8
 
 
 @dataclass
@@ -197,7 +198,8 @@ class ExperimentResult:
         shown = [{c: _cell(c, r.get(c)) for c in self.columns} for r in self.rows]
         body = markdown_table(shown, self.columns)
         groups = [r for r in self.rows if r.get("per_group")]
-        if groups:
+        # A table of more groups than this is too wide to read; the JSON keeps them all.
+        if groups and len(groups[0]["per_group"]) <= MD_MAX_GROUPS:
             names = list(groups[0]["per_group"])
             keys = [c for c in ("method", "framework", "mask", "D") if c in self.columns]
             extra = [

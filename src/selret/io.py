@@ -300,7 +300,6 @@ def parse_bbox(text: str | None) -> list[float] | None:
     return values
 
 
-
 def _validate_bbox(
     bbox: Sequence[float], height: int, width: int, label: str
 ) -> tuple[int, int, int, int]:

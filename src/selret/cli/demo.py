@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import typer
@@ -33,7 +34,7 @@ def demo(
     import numpy as np
 
     from selret.demo_data import build_demo_dataset, learning_images
-    from selret.encoder import Encoder, EncoderConfig
+    from selret.encoder import Encoder, EncoderConfig, SmallLearningSetWarning
     from selret.engine import SearchEngine
     from selret.evaluation import compute_map
     from selret.pipeline import feature_maps_for
@@ -49,7 +50,10 @@ def demo(
 
     config = EncoderConfig.from_preset(preset, mask=mask, max_side=max_side, weights=weights)
     learn_maps = feature_maps_for(learn, config, cache, progress=True)
-    encoder = Encoder(config).fit(learn_maps)
+    with warnings.catch_warnings():
+        # 14 learning images < 640 rotation dimensions: expected here, said once below.
+        warnings.simplefilter("ignore", SmallLearningSetWarning)
+        encoder = Encoder(config).fit(learn_maps)
     backbone = encoder.backbone()
     typer.echo(
         f"encoder: {encoder!r}; mask kept {100 * encoder.kept_fraction_:.0f}% of local features on the learning set"

@@ -16,6 +16,11 @@ distributed_app = typer.Typer(
 app.add_typer(distributed_app, name="distributed")
 
 
+def _fail(exc: Exception) -> None:
+    typer.echo(f"error: {exc}", err=True)
+    raise typer.Exit(2)
+
+
 def _parse_concurrency(value: str | None) -> int | tuple[int, int] | None:
     """``"4"`` -> 4 actors; ``"2:8"`` -> an autoscaling pool of 2 to 8 actors."""
     if value is None:
@@ -49,7 +54,8 @@ def encode(
         None, "--num-gpus", help="GPUs per encoding actor (0 = CPU) [1 if the cluster has GPUs]."
     ),
     concurrency: str | None = typer.Option(
-        None, help="Encoding actors: N, or MIN:MAX to autoscale [one per GPU, or CPUs - 1]."
+        None,
+        help="Encoding actors: N, or MIN:MAX to autoscale (default: one per GPU share, else CPUs - 1).",
     ),
     batch_size: int = typer.Option(8, "--batch-size", help="Images per backbone forward pass."),
     num_shards: int | None = typer.Option(
@@ -61,12 +67,17 @@ def encode(
 ) -> None:
     """Encode INPUT's images with Ray Data into vector shards under --out."""
     from selret.distributed import encode_collection
+    from selret.errors import SelretError
 
-    summary = encode_collection(
-        input, encoder_path, out, num_shards=num_shards, batch_size=batch_size,
-        num_gpus_per_worker=num_gpus, concurrency=_parse_concurrency(concurrency),
-        ray_address=address, cpus_per_worker=cpus_per_worker,
-    )  # fmt: skip
+    pool = _parse_concurrency(concurrency)
+    try:
+        summary = encode_collection(
+            input, encoder_path, out, num_shards=num_shards, batch_size=batch_size,
+            num_gpus_per_worker=num_gpus, concurrency=pool, ray_address=address,
+            cpus_per_worker=cpus_per_worker,
+        )  # fmt: skip
+    except (SelretError, ValueError, FileNotFoundError) as exc:
+        _fail(exc)
     for path, reason in summary.failed:
         typer.echo(f"failed {path}: {reason}", err=True)
     typer.echo(summary.summary())
@@ -90,8 +101,12 @@ def ingest(
 ) -> None:
     """Add every shard to one index (images already indexed are skipped)."""
     from selret.distributed import ingest_shards
+    from selret.errors import SelretError
 
-    report = ingest_shards(shards, index, encoder_path=encoder_path, kind=kind)
+    try:
+        report = ingest_shards(shards, index, encoder_path=encoder_path, kind=kind)
+    except (SelretError, ValueError, FileNotFoundError, FileExistsError) as exc:
+        _fail(exc)
     for failure in report.failures:
         typer.echo(
             f"not encoded {failure['path']}: {failure['error']}: {failure['reason']}", err=True
