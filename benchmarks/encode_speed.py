@@ -270,7 +270,7 @@ def check_batched(enc: Encoder, maps: Sequence[FeatureMap], device: torch.device
     return float(np.abs(out - np.stack([enc.encode(f) for f in maps])).max())
 
 
-def gpu_throughput(encoders: dict[str, Encoder], maps, batch_sizes, repeats: int, seed: int):
+def gpu_throughput(encoders: dict[str, Encoder], maps, batch_sizes, repeats: int) -> None:
     device = torch.device("cuda")
     print(
         f"\nBatched torch paths on {torch.cuda.get_device_name(device)} (masks and post-process on CPU)"
@@ -472,9 +472,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if torch.cuda.is_available():
         sizes = [int(b) for b in args.batch_sizes.split(",") if b]
         wanted = ("MAX-mask 512-D", "MAX-mask 4096-D", "none-mask 4096-D")
-        gpu_throughput(
-            {k: encoders[k] for k in wanted if k in encoders}, test, sizes, repeats, args.seed
-        )
+        gpu_throughput({k: encoders[k] for k in wanted if k in encoders}, test, sizes, repeats)
     else:
         print("\n(no CUDA device: batched GPU throughput not measured)")
 

@@ -5,13 +5,16 @@
 #
 #   DATA=../shared/data CACHE=/work/selret-cache OUT=runs/results benchmarks/run_results.sh
 #
+# MAX_SIDE=512 gives the same tables on 512-px maps (cheaper to extract).
+#
 # Maps come from (and missing ones go to) $CACHE, so a second run only fits, encodes and searches.
 # Each step writes <OUT>/<benchmark>/<experiment>.{md,json,png}; RESULTS.md copies the tables.
 set -euo pipefail
 
 DATA=${DATA:-$(cd "$(dirname "$0")/../.." && pwd)/shared/data}
 CACHE=${CACHE:-${SELRET_CACHE:-$HOME/.cache/selret/features}}
-OUT=${OUT:-runs/results}
+MAX_SIDE=${MAX_SIDE:-1024}
+OUT=${OUT:-runs/results-$MAX_SIDE}
 SELRET=${SELRET:-selret}
 # One BLAS thread: on a busy 2-core machine OpenBLAS's spinning threads made eigh 20x slower.
 export OPENBLAS_NUM_THREADS=${OPENBLAS_NUM_THREADS:-1}
@@ -26,7 +29,7 @@ run_all() {
   local -a dataset=() learn=()
   while [ "$1" != "--" ]; do dataset+=("$1"); shift; done; shift
   for l in "$@"; do learn+=(--learn "$l"); done
-  local common=(--cache "$CACHE" --no-progress)
+  local common=(--cache "$CACHE" --max-side "$MAX_SIDE" --no-progress)
   # Table 6: the baselines (with and without PCA-whitening) and the four masks at 512-D and 1024-D.
   "$SELRET" experiment baselines "${dataset[@]}" "${learn[@]}" "${common[@]}" \
     --masks sift,sum,max,none --presets temb-demo-512,temb-demo-1024 --whiten both \

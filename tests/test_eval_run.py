@@ -23,6 +23,9 @@ from selret.evaluate_run import (
     score,
 )
 
+# The tiny learning sets here are deliberate: the encoder's warning about them is expected.
+pytestmark = pytest.mark.filterwarnings("ignore::selret.encoder.SmallLearningSetWarning")
+
 SIZE = 128
 FAST = {"kmeans_iters": 5, "kmeans_restarts": 1}
 

@@ -15,6 +15,9 @@ from selret.encoder import Encoder, EncoderConfig
 from selret.evaluate_run import encode_data
 from selret.postprocessing import l2_normalize, power_law
 
+# The tiny learning sets here are deliberate: the encoder's warning about them is expected.
+pytestmark = pytest.mark.filterwarnings("ignore::selret.encoder.SmallLearningSetWarning")
+
 SIZE = 128
 FAST = {"kmeans_iters": 5, "kmeans_restarts": 1}
 # Small (d, k) per framework that leave dimensions after the paper's drop rule.

@@ -26,7 +26,11 @@ MAX_SIDE = 512
 
 @pytest.fixture(scope="module")
 def paris_loo_maps(real_backbone, tmp_path_factory):
-    paris, ukbench, smvs = data_dir("paris6k-250"), data_dir("ukbench-56"), data_dir("smvs-dvd-covers")
+    paris, ukbench, smvs = (
+        data_dir("paris6k-250"),
+        data_dir("ukbench-56"),
+        data_dir("smvs-dvd-covers"),
+    )
     cache = os.environ.get("SELRET_TEST_CACHE") or tmp_path_factory.mktemp("real-cache")
     start = time.perf_counter()
     data = prepare(
@@ -38,14 +42,18 @@ def paris_loo_maps(real_backbone, tmp_path_factory):
         backbone=real_backbone,
         preload=True,
     )
-    print(f"\nextraction of {len(data.db)} + {len(data.learn)} maps: {time.perf_counter() - start:.0f} s")
+    print(
+        f"\nextraction of {len(data.db)} + {len(data.learn)} maps: {time.perf_counter() - start:.0f} s"
+    )
     return data
 
 
 def test_selective_temb_beats_sum_pooling_on_paris250_loo(paris_loo_maps):
     data = paris_loo_maps
     assert len(data.db) == 250 and len(data.learn) == 156
-    method = run(data, Encoder(EncoderConfig.from_preset("temb-demo-512", mask="max", max_side=MAX_SIDE)))
+    method = run(
+        data, Encoder(EncoderConfig.from_preset("temb-demo-512", mask="max", max_side=MAX_SIDE))
+    )
     sum_pooling = run(
         data, BaselineEncoder("spoc", centering=False, max_side=MAX_SIDE, label="sum pooling")
     )

@@ -266,8 +266,8 @@ class Encoder:
         if self.pca_ is None or self.embedder_ is None:
             raise RuntimeError("this Encoder is not fitted: call fit() or Encoder.load()")
 
-    def encode(self, fmap: FeatureMap) -> np.ndarray:
-        """The (D,) float32 unit-norm vector of one feature map."""
+    def aggregate(self, fmap: FeatureMap) -> np.ndarray:
+        """The aggregated embedding (before post-processing) of one feature map, float32."""
         self._check_fitted()
         local = self.select(fmap)
         if self.device is not None:
@@ -275,20 +275,33 @@ class Encoder:
         psi = self._aggregate_reduced(self.pca_.transform(local))
         if isinstance(psi, torch.Tensor):
             psi = psi.float().cpu().numpy()
-        out = postprocess(
-            np.asarray(psi, dtype=np.float32),
-            self.rotation_,
-            self.config.effective_drop,
-            self.config.alpha,
-        )
-        return np.asarray(out, dtype=np.float32)
+        return np.asarray(psi, dtype=np.float32)
 
-    def encode_many(self, maps: Iterable[FeatureMap], progress: bool = False) -> np.ndarray:
-        """(N, D) float32 vectors of ``maps``."""
-        vecs = [self.encode(f) for f in _tqdm(maps, progress, "encode")]
-        if not vecs:
-            return np.zeros((0, self.dim), np.float32)
-        return np.stack(vecs)
+    def postprocess(self, psi: np.ndarray) -> np.ndarray:
+        """Final (N, D) vectors from (N, D_emb) aggregated embeddings: one matrix product for the
+        rotation of a whole batch, rather than one matrix-vector product per image."""
+        c = self.config
+        return np.asarray(
+            postprocess(psi, self.rotation_, c.effective_drop, c.alpha), dtype=np.float32
+        )
+
+    def encode(self, fmap: FeatureMap) -> np.ndarray:
+        """The (D,) float32 unit-norm vector of one feature map."""
+        return self.postprocess(self.aggregate(fmap)[None])[0]
+
+    def encode_many(
+        self, maps: Iterable[FeatureMap], progress: bool = False, batch_size: int = 256
+    ) -> np.ndarray:
+        """(N, D) float32 vectors of ``maps``; post-processing runs ``batch_size`` images at a time."""
+        out, batch = [], []
+        for fmap in _tqdm(maps, progress, "encode"):
+            batch.append(self.aggregate(fmap))
+            if len(batch) == batch_size:
+                out.append(self.postprocess(np.stack(batch)))
+                batch = []
+        if batch:
+            out.append(self.postprocess(np.stack(batch)))
+        return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
 
     # ------------------------------------------------------------------ images
 

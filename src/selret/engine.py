@@ -109,13 +109,13 @@ class SearchEngine:
             )
             report.failed = [(str(p), r) for p, r in maps.report.failed]
             if len(maps):
-                vectors, meta = [], []
-                for path, fmap in zip(maps.paths, _progress(maps, progress), strict=True):
-                    vectors.append(self.encoder.encode(fmap))
-                    height, width = image_size(path)  # the original size, for clients
-                    meta.append({"height": height, "width": width})
+                vectors = self.encoder.encode_many(maps, progress=progress)
+                # The original size (read from the header), for clients drawing boxes.
+                meta = [
+                    dict(zip(("height", "width"), image_size(p), strict=True)) for p in maps.paths
+                ]
                 report.added = len(
-                    self.index.add([str(p) for p in maps.paths], np.stack(vectors), meta)
+                    self.index.add([str(p) for p in maps.paths], vectors, meta)
                 )
         self.index.save()
         return report
@@ -155,11 +155,3 @@ class SearchEngine:
         info["encoder"] = repr(self.encoder)
         info["engine_path"] = str(self.root)
         return info
-
-
-def _progress(items, progress: bool):
-    if not progress:
-        return items
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc="encode", unit="img")

@@ -148,10 +148,15 @@ class VectorIndex:
     seed : seed of the IVF-PQ k-means.
 
     Exact and HNSW keep the raw vectors, so :meth:`reconstruct` is exact; IVF-PQ reconstructs
-    from its codes (approximate). HNSW graphs cannot delete nodes: :meth:`remove` marks them as
-    tombstones, which searches skip, and the graph is rebuilt when tombstones exceed
-    :data:`HNSW_COMPACT_FRACTION` of it (or on :meth:`compact`). The IVF-PQ index is trained on
-    the first batch given to :meth:`add` unless :meth:`train` was called before. Not thread-safe.
+    from its codes (approximate). IVF-PQ ranks by those codes, so within dense clusters its
+    top-10 misses part of the exact top-10 (recall@10 0.2-0.8 on synthetic 512-D data, see
+    ``benchmarks/search_speed.py``) while its top-100 nearly always holds them: raise ``pq_m``
+    or re-rank a longer list when that matters.
+
+    HNSW graphs cannot delete nodes: :meth:`remove` marks them as tombstones, which searches
+    skip, and the graph is rebuilt when tombstones exceed :data:`HNSW_COMPACT_FRACTION` of it
+    (or on :meth:`compact`). The IVF-PQ index is trained on the first batch given to
+    :meth:`add` unless :meth:`train` was called before. Not thread-safe.
     """
 
     def __init__(
