@@ -173,3 +173,13 @@ def test_torch_device_path_matches_numpy(embedding, learn_maps, test_maps):
     on_device = enc.to("cpu").encode_many(test_maps)  # the torch path; "cuda" on a GPU machine
     # F-FAemb amplifies float32 rounding through its clamped whitening: a looser bound there.
     np.testing.assert_allclose(on_device, ref, atol=2e-4 if embedding == "faemb" else 2e-5)
+
+
+def test_auto_device_without_gpu_is_the_numpy_path(learn_maps):
+    import torch
+
+    enc = Encoder(EncoderConfig(embedding="vlad", aggregation="sum", d=8, k=4, kmeans_iters=5))
+    expected = None if not torch.cuda.is_available() else torch.device("cuda")
+    assert enc.to("auto").device == expected
+    assert enc.to("cpu").device == torch.device("cpu")
+    assert enc.to(None).device is None

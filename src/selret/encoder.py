@@ -173,7 +173,10 @@ class Encoder:
         if device is not None:
             from selret.backbones import resolve_device
 
+            auto = str(device) == "auto"
             device = resolve_device(device)
+            if auto and device.type == "cpu":
+                device = None  # "auto" without a GPU: the plain numpy path
         self.device = device
         return self
 

@@ -99,7 +99,7 @@ def encode(
     from selret.extract import list_images
     from selret.pipeline import feature_maps_for
 
-    encoder = Encoder.load(encoder_path)
+    encoder = Encoder.load(encoder_path).to(device or "auto")  # the GPU when there is one
     paths = list_images(input)
     if not paths:
         raise typer.BadParameter(f"{input}: no images found", param_hint="INPUT")
