@@ -168,7 +168,9 @@ def test_whitening_option_changes_vectors(learn_maps, test_maps):
 def test_torch_device_path_matches_numpy(embedding, learn_maps, test_maps):
     d, k = SMALL[embedding]
     agg = "average" if embedding == "fv" else "democratic"
-    enc = Encoder(EncoderConfig(embedding=embedding, aggregation=agg, d=d, k=k, kmeans_iters=5)).fit(learn_maps)
+    enc = Encoder(
+        EncoderConfig(embedding=embedding, aggregation=agg, d=d, k=k, kmeans_iters=5)
+    ).fit(learn_maps)
     ref = enc.encode_many(test_maps)
     on_device = enc.to("cpu").encode_many(test_maps)  # the torch path; "cuda" on a GPU machine
     # F-FAemb amplifies float32 rounding through its clamped whitening: a looser bound there.
@@ -183,3 +185,10 @@ def test_auto_device_without_gpu_is_the_numpy_path(learn_maps):
     assert enc.to("auto").device == expected
     assert enc.to("cpu").device == torch.device("cpu")
     assert enc.to(None).device is None
+
+
+def test_encode_many_is_bit_identical_to_encode(learn_maps, test_maps):
+    enc = Encoder(EncoderConfig(embedding="temb", d=16, k=10, kmeans_iters=5)).fit(learn_maps)
+    many = enc.encode_many(test_maps)
+    for i, fmap in enumerate(test_maps):
+        np.testing.assert_array_equal(many[i], enc.encode(fmap))

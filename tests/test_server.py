@@ -72,12 +72,13 @@ def test_result_fields_name_no_server_path(client, images, engine_dir):
     response = upload(client, images[0].read_bytes(), top_k="8")
     results = response.json()["results"]
     assert sorted(r["name"] for r in results) == sorted(p.name for p in images)
+    original = {p.name: Image.open(p).size for p in images}
     for r in results:
         assert set(r) == {"rank", "id", "score", "thumbnail_url", "width", "height", "name"}
         assert r["thumbnail_url"] == f"/images/{r['id']}"
         assert "/" not in r["name"]
-        # Indexed at max_side 128: the longest side of the catalog size.
-        assert max(r["width"], r["height"]) == 128
+        # The catalog keeps the original size (clients draw boxes in original pixels).
+        assert (r["width"], r["height"]) == original[r["name"]]
     assert str(engine_dir.parent) not in response.text
 
 

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from selret.errors import SelretError
+from selret.errors import DatasetError
 from selret.evaluation import REVISITED_PROTOCOLS, normalize_protocol, revisited_gnd
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -55,15 +55,6 @@ UKBENCH_PROTOCOLS = ("ns", "loo")
 JSON_FORMAT = "selret-benchmark"
 
 BBox = tuple[float, float, float, float]
-
-
-class DatasetError(SelretError):
-    """A ground-truth file or image folder cannot be used. ``path`` names it, ``reason`` says why."""
-
-    def __init__(self, path: str | Path, reason: str):
-        self.path = str(path)
-        self.reason = reason
-        super().__init__(f"{self.path}: {reason}")
 
 
 @dataclass

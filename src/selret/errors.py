@@ -52,3 +52,20 @@ class CacheError(SelretError):
 
 class ConfigMismatchError(SelretError):
     """Two pieces (encoder, index, cache) were built with different configurations."""
+
+
+class CorruptIndexError(SelretError):
+    """An index directory is unreadable, of an unknown format, or its parts disagree."""
+
+
+class IndexConflictError(SelretError):
+    """Another writer saved the index after this handle opened it; reopen and redo the change."""
+
+
+class DatasetError(SelretError):
+    """A ground-truth file or image folder cannot be used. ``path`` names it, ``reason`` says why."""
+
+    def __init__(self, path: str | Path, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")

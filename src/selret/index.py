@@ -31,7 +31,7 @@ from typing import Any, Protocol
 import faiss
 import numpy as np
 
-from selret.errors import ConfigMismatchError, SelretError
+from selret.errors import ConfigMismatchError, CorruptIndexError, IndexConflictError
 
 try:  # advisory lock between writer processes; absent on Windows, where saves are unlocked
     import fcntl
@@ -503,14 +503,6 @@ def average_query_expansion(
 
 
 # ===================================================================== persistent image index
-
-
-class CorruptIndexError(SelretError):
-    """An index directory is unreadable, of an unknown format, or its parts disagree."""
-
-
-class IndexConflictError(SelretError):
-    """Another writer saved the index after this handle opened it; reopen and redo the change."""
 
 
 @dataclass(frozen=True)
