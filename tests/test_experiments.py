@@ -195,3 +195,23 @@ def test_cli_experiment(layout, tmp_path):
     assert result.exit_code == 0, result.output
     assert "| max |" in result.output
     assert {p.name for p in out.iterdir()} == {"masks.json", "masks.md", "masks.png"}
+
+
+def test_fitted_encoders_are_reused_for_the_same_config_and_learning_set(layout, tmp_path):
+    objects, learn, cache = layout
+    kwargs = dict(
+        weights="random", max_side=SIZE, cache_dir=cache, base=FAST, encoder_dir=tmp_path / "enc"
+    )
+    first = ex.make_setup(read_object_folders(objects), [learn], **kwargs)
+    config = first.config("temb-demo-512", mask="max")
+    fitted = first.run_encoder(config)
+    assert len(list((tmp_path / "enc").glob("*.npz"))) == 1 and fitted.times["fit"] > 0
+    # A new setup (another process, say) with the same config and learning set reuses the fit.
+    again = ex.make_setup(read_object_folders(objects), [learn], **kwargs).run_encoder(config)
+    assert again.times["fit"] == 0.0 and again.map == pytest.approx(fitted.map)
+    assert again.learning_set["name"] == "learn" and again.learning_set["disjoint_checked"]
+    assert any("reused" in n for n in again.notes)
+    # Another learning set (a subset) is another fit.
+    other = ex.make_setup(read_object_folders(objects), [learn], max_learn=8, **kwargs)
+    assert other.run_encoder(config).times["fit"] > 0
+    assert len(list((tmp_path / "enc").glob("*.npz"))) == 2

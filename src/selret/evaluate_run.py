@@ -624,12 +624,20 @@ def score(benchmark: RetrievalBenchmark, ranks: np.ndarray, kappas: Sequence[int
     return out
 
 
-def run(data: EvalData, method, label: str | None = None, progress: bool = False) -> EvalReport:
+def run(
+    data: EvalData,
+    method,
+    label: str | None = None,
+    progress: bool = False,
+    fitted_on_learn: bool = False,
+) -> EvalReport:
     """Fit ``method`` on ``data.learn`` if it needs fitting, encode, rank and score.
 
     ``method`` is an :class:`~selret.encoder.Encoder` (fitted, e.g. loaded from a file, or not)
     or a :class:`BaselineEncoder`. Its extraction setting (weights, layer, image size) must be
-    the one ``data`` was extracted with.
+    the one ``data`` was extracted with. ``fitted_on_learn`` says that a fitted ``method`` was
+    fitted on ``data.learn`` (e.g. reloaded from an earlier run), so the report names that
+    learning set, which ``prepare`` checked, instead of an unknown one.
     """
     bench = data.benchmark
     if _extraction(method) != (data.weights, data.layer, data.max_side):
@@ -646,6 +654,9 @@ def run(data: EvalData, method, label: str | None = None, progress: bool = False
         method.fit(data.learn, progress=progress)
         times["fit"] = time.perf_counter() - t
         learning = {"name": data.learn_name, "n_images": len(data.learn), "disjoint_checked": True}
+    elif fitted_on_learn and data.learn is not None:
+        learning = {"name": data.learn_name, "n_images": len(data.learn), "disjoint_checked": True}
+        notes.append("the fit on this learning set was reused from an earlier run")
     elif isinstance(method, Encoder):
         learning = {
             "name": "fitted encoder (learning set not recorded)",

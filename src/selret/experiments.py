@@ -21,6 +21,7 @@ extracts each (layer, image size) once and shares the maps between the runs of t
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import time
@@ -76,7 +77,10 @@ class Setup:
 
     ``learn`` are image paths (see :func:`make_setup` for folders and subsampling); ``base`` holds
     EncoderConfig fields applied to every encoder of the grid (e.g. ``kmeans_iters``).
-    ``preload`` keeps the maps in memory between the runs.
+    ``preload`` keeps the maps in memory between the runs. ``encoder_dir``, when set, keeps
+    every fitted encoder there, named by a hash of its config and of the learning images (path,
+    size, mtime), and reuses it in a later run with the same config and learning set (e.g. the
+    two protocols of one benchmark).
     """
 
     benchmark: RetrievalBenchmark
@@ -90,6 +94,7 @@ class Setup:
     base: dict = field(default_factory=dict)
     preload: bool = True
     progress: bool = False
+    encoder_dir: str | Path | None = None
     _data: dict = field(default_factory=dict, repr=False)
 
     def data(self, layer: str | None = None, max_side: int | None = None) -> EvalData:
@@ -115,7 +120,16 @@ class Setup:
         return EncoderConfig(**fields)
 
     def run_encoder(self, config: EncoderConfig, label: str | None = None) -> EvalReport:
-        return run(self.data(config.layer, config.max_side), Encoder(config), label=label)
+        data = self.data(config.layer, config.max_side)
+        if self.encoder_dir is None:
+            return run(data, Encoder(config), label=label)
+        path = Path(self.encoder_dir) / f"{fit_key(config, data.learn_paths)}.npz"
+        if path.is_file():
+            return run(data, Encoder.load(path), label=label, fitted_on_learn=True)
+        encoder = Encoder(config)
+        report = run(data, encoder, label=label)
+        encoder.save(path)
+        return report
 
     def run_baseline(
         self, name: str, whiten: bool = False, label: str | None = None, **params
@@ -139,6 +153,15 @@ class Setup:
             "max_side": self.max_side,
             "base": self.base,
         }
+
+
+def fit_key(config: EncoderConfig, learn: Sequence[str | Path]) -> str:
+    """sha1 naming a fit: the config and each learning image's resolved path, size and mtime."""
+    digest = hashlib.sha1(json.dumps(config.to_dict(), sort_keys=True).encode())
+    for p in learn:
+        st = Path(p).resolve().stat()
+        digest.update(f"{Path(p).resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
 
 
 def make_setup(
@@ -511,6 +534,7 @@ __all__ = [
     "baselines",
     "dimensions",
     "feature_correlations",
+    "fit_key",
     "frameworks",
     "image_sizes",
     "layers",

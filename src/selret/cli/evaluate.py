@@ -235,6 +235,11 @@ def experiment(
     out: Path | None = typer.Option(
         None, "--out", "-o", help="Output folder [runs/experiment-<name>-<dataset>]."
     ),
+    encoders: Path | None = typer.Option(
+        None,
+        "--encoders",
+        help="Keep fitted encoders here and reuse them for the same config and learning set (e.g. across protocols).",
+    ),
     device: str | None = typer.Option(None, help="auto, cpu or cuda."),
     progress: bool = typer.Option(True, help="Show extraction progress bars."),
 ) -> None:
@@ -252,6 +257,7 @@ def experiment(
         setup = ex.make_setup(
             bench, learn, max_learn=max_learn, seed=seed, weights=weights, layer=layer,
             max_side=max_side, cache_dir=cache, device=device, base=base, progress=progress,
+            encoder_dir=encoders,
         )  # fmt: skip
         mask_list = _csv(masks)
         if name == ExperimentName.frameworks:
