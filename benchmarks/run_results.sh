@@ -1,52 +1,67 @@
 #!/usr/bin/env bash
-# The commands that produced benchmarks/RESULTS.md: every method on the four benchmarks of
-# ../shared/data, with VGG16 (vgg16-caffe) pool5 maps at a longest side of 1024 px, and learning
-# sets always disjoint from the evaluated images (selret refuses an overlap).
+# The commands that produced benchmarks/RESULTS.md: the baselines and the method on the four
+# benchmarks of ../shared/data, VGG16 (vgg16-caffe) pool5 maps, learning sets always disjoint
+# from the evaluated images (selret refuses an overlap).
 #
 #   DATA=../shared/data CACHE=/work/selret-cache OUT=runs/results benchmarks/run_results.sh
 #
-# MAX_SIDE=512 gives the same tables on 512-px maps (cheaper to extract).
-#
-# Maps come from (and missing ones go to) $CACHE, so a second run only fits, encodes and searches.
-# Each step writes <OUT>/<benchmark>/<experiment>.{md,json,png}; RESULTS.md copies the tables.
+# Part 1 runs every benchmark on 512-px maps with the issue's learning sets; part 2 runs on
+# 1024-px maps the benchmarks whose maps were extracted at 1024 px here (not the SMVS phone
+# photos), paris6k-250 then with a smaller learning set. FULL_1024=1 adds the rest of the
+# 1024-px runs (SMVS, and paris6k-250 with its full learning set): it extracts what is missing.
+# Maps come from (and missing ones go to) $CACHE; fitted encoders are kept in
+# $OUT/<size>/encoders and reused (the two paris6k-250 protocols share their fits; reuse does not
+# change a number). Each step writes $OUT/<size>/<benchmark>/<experiment>.{md,json,png}.
 set -euo pipefail
 
 DATA=${DATA:-$(cd "$(dirname "$0")/../.." && pwd)/shared/data}
 CACHE=${CACHE:-${SELRET_CACHE:-$HOME/.cache/selret/features}}
-MAX_SIDE=${MAX_SIDE:-1024}
-OUT=${OUT:-runs/results-$MAX_SIDE}
+OUT=${OUT:-runs/results}
 SELRET=${SELRET:-selret}
-# One BLAS thread: on a busy 2-core machine OpenBLAS's spinning threads made eigh 20x slower.
+PYTHON=${PYTHON:-python}
+# One BLAS thread: on the busy 2-core machine here OpenBLAS's spinning threads made eigh 20x slower.
 export OPENBLAS_NUM_THREADS=${OPENBLAS_NUM_THREADS:-1}
 
 PARIS=$DATA/paris6k-250
 SMVS=$DATA/smvs-dvd-covers
 UKB=$DATA/ukbench-56
 
-# benchmark name | selret dataset arguments | learning set (disjoint from that benchmark)
+# run_all SIZE NAME DATASET-ARGS... -- LEARNING-SET...   (the learning set is disjoint from NAME)
 run_all() {
-  local name=$1; shift
+  local size=$1 name=$2; shift 2
   local -a dataset=() learn=()
   while [ "$1" != "--" ]; do dataset+=("$1"); shift; done; shift
   for l in "$@"; do learn+=(--learn "$l"); done
-  local common=(--cache "$CACHE" --max-side "$MAX_SIDE" --no-progress)
+  local common=(--cache "$CACHE" --max-side "$size" --no-progress)
+  local out=$OUT/$size
   # Table 6: the baselines (with and without PCA-whitening) and the four masks at 512-D and 1024-D.
   "$SELRET" experiment baselines "${dataset[@]}" "${learn[@]}" "${common[@]}" \
     --masks sift,sum,max,none --presets temb-demo-512,temb-demo-1024 --whiten both \
-    --out "$OUT/$name"
+    --encoders "$out/encoders" --out "$out/$name"
   # 4096-D (MAX-mask only): the learning sets here have far fewer images than the 4224-D
   # embedding, so the rotation is mostly a completed basis (reported as "learned comps").
   "$SELRET" experiment dims "${dataset[@]}" "${learn[@]}" "${common[@]}" \
-    --presets temb-demo-4096 --masks max --out "$OUT/$name"
-  # One full report with per-query AP and a contact sheet of the top results.
+    --presets temb-demo-4096 --masks max --encoders "$out/encoders" --out "$out/$name"
+  # One full report per benchmark: per-query AP and a contact sheet of the top results.
   "$SELRET" eval "${dataset[@]}" "${learn[@]}" "${common[@]}" --preset temb-demo-1024 --mask max \
-    --out "$OUT/$name/eval-temb-demo-1024-max"
+    --out "$out/$name/eval-temb-demo-1024-max"
 }
 
-run_all paris6k-250-official-12 "$PARIS" --protocol official-12 -- "$SMVS" "$UKB/jpg"
-run_all paris6k-250-loo "$PARIS" --protocol loo -- "$SMVS" "$UKB/jpg"
-run_all smvs-dvd-covers "$SMVS" -- "$PARIS/jpg" "$UKB/jpg"
-run_all ukbench-56 "$UKB/jpg" -- "$PARIS/jpg" "$SMVS/Reference"
+# Part 1: 512 px, the issue's learning sets.
+run_all 512 paris6k-250-official-12 "$PARIS" --protocol official-12 -- "$SMVS" "$UKB/jpg"
+run_all 512 paris6k-250-loo "$PARIS" --protocol loo -- "$SMVS" "$UKB/jpg"
+run_all 512 smvs-dvd-covers "$SMVS" -- "$PARIS/jpg" "$UKB/jpg"
+run_all 512 ukbench-56 "$UKB/jpg" -- "$PARIS/jpg" "$SMVS/Reference"
 
-# The issue-3 check at 512 px (also a slow test: tests/test_real_retrieval.py).
-SELRET_TEST_CACHE=${SELRET_TEST_CACHE:-$CACHE} python -m pytest tests/test_real_retrieval.py -q -s -m slow
+# Part 2: 1024 px. paris6k-250 learns on ukbench-56 + the 100 SMVS references (156 images).
+run_all 1024 paris6k-250-official-12 "$PARIS" --protocol official-12 -- "$SMVS/Reference" "$UKB/jpg"
+run_all 1024 paris6k-250-loo "$PARIS" --protocol loo -- "$SMVS/Reference" "$UKB/jpg"
+run_all 1024 ukbench-56 "$UKB/jpg" -- "$PARIS/jpg" "$SMVS/Reference"
+if [ "${FULL_1024:-0}" = 1 ]; then
+  run_all 1024 smvs-dvd-covers "$SMVS" -- "$PARIS/jpg" "$UKB/jpg"
+  run_all 1024 paris6k-250-official-12-learn556 "$PARIS" --protocol official-12 -- "$SMVS" "$UKB/jpg"
+  run_all 1024 paris6k-250-loo-learn556 "$PARIS" --protocol loo -- "$SMVS" "$UKB/jpg"
+fi
+
+# The issue-3 check at 512 px (tests/test_real_retrieval.py, a slow test).
+SELRET_TEST_CACHE=${SELRET_TEST_CACHE:-$CACHE} "$PYTHON" -m pytest tests/test_real_retrieval.py -q -s -m slow
