@@ -5,10 +5,6 @@
 #
 #   DATA=../shared/data CACHE=/work/selret-cache OUT=runs/results benchmarks/run_results.sh
 #
-# Part 1 runs every benchmark on 512-px maps with the issue's learning sets; part 2 runs on
-# 1024-px maps the benchmarks whose maps were extracted at 1024 px here (not the SMVS phone
-# photos), paris6k-250 then with a smaller learning set. FULL_1024=1 adds the rest of the
-# 1024-px runs (SMVS, and paris6k-250 with its full learning set): it extracts what is missing.
 # Maps come from (and missing ones go to) $CACHE; fitted encoders are kept in
 # $OUT/<size>/encoders and reused (the two paris6k-250 protocols share their fits; reuse does not
 # change a number). Each step writes $OUT/<size>/<benchmark>/<experiment>.{md,json,png}.
@@ -47,21 +43,19 @@ run_all() {
     --out "$out/$name/eval-temb-demo-1024-max"
 }
 
-# Part 1: 512 px, the issue's learning sets.
-run_all 512 paris6k-250-official-12 "$PARIS" --protocol official-12 -- "$SMVS" "$UKB/jpg"
-run_all 512 paris6k-250-loo "$PARIS" --protocol loo -- "$SMVS" "$UKB/jpg"
-run_all 512 smvs-dvd-covers "$SMVS" -- "$PARIS/jpg" "$UKB/jpg"
-run_all 512 ukbench-56 "$UKB/jpg" -- "$PARIS/jpg" "$SMVS/Reference"
-
-# Part 2: 1024 px. paris6k-250 learns on ukbench-56 + the 100 SMVS references (156 images).
-run_all 1024 paris6k-250-official-12 "$PARIS" --protocol official-12 -- "$SMVS/Reference" "$UKB/jpg"
-run_all 1024 paris6k-250-loo "$PARIS" --protocol loo -- "$SMVS/Reference" "$UKB/jpg"
-run_all 1024 ukbench-56 "$UKB/jpg" -- "$PARIS/jpg" "$SMVS/Reference"
-if [ "${FULL_1024:-0}" = 1 ]; then
-  run_all 1024 smvs-dvd-covers "$SMVS" -- "$PARIS/jpg" "$UKB/jpg"
-  run_all 1024 paris6k-250-official-12-learn556 "$PARIS" --protocol official-12 -- "$SMVS" "$UKB/jpg"
-  run_all 1024 paris6k-250-loo-learn556 "$PARIS" --protocol loo -- "$SMVS" "$UKB/jpg"
-fi
+# Every benchmark at 512 px, then at 1024 px (the paper's size), with the issue's learning sets.
+# SIZES / BENCHMARKS restrict a run, e.g. SIZES=1024 BENCHMARKS="ukbench-56".
+for size in ${SIZES:-512 1024}; do
+  for name in ${BENCHMARKS:-paris6k-250-official-12 paris6k-250-loo smvs-dvd-covers ukbench-56}; do
+    case $name in
+      paris6k-250-official-12) run_all "$size" "$name" "$PARIS" --protocol official-12 -- "$SMVS" "$UKB/jpg" ;;
+      paris6k-250-loo) run_all "$size" "$name" "$PARIS" --protocol loo -- "$SMVS" "$UKB/jpg" ;;
+      smvs-dvd-covers) run_all "$size" "$name" "$SMVS" -- "$PARIS/jpg" "$UKB/jpg" ;;
+      ukbench-56) run_all "$size" "$name" "$UKB/jpg" -- "$PARIS/jpg" "$SMVS/Reference" ;;
+      *) echo "unknown benchmark $name" >&2; exit 2 ;;
+    esac
+  done
+done
 
 # The issue-3 check at 512 px (tests/test_real_retrieval.py, a slow test).
-SELRET_TEST_CACHE=${SELRET_TEST_CACHE:-$CACHE} "$PYTHON" -m pytest tests/test_real_retrieval.py -q -s -m slow
+[ -n "${BENCHMARKS:-}" ] || SELRET_TEST_CACHE=${SELRET_TEST_CACHE:-$CACHE} "$PYTHON" -m pytest tests/test_real_retrieval.py -q -s -m slow

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -102,15 +103,24 @@ def test_key_depends_on_file_and_config(cache, image):
     )
 
 
-def test_key_changes_when_file_modified(cache, image):
+def test_key_follows_content_not_path_or_mtime(cache, image, tmp_path):
     key = cache.key(image, BACKBONE, 1024)
     cache.put(key, make_map())
     st = image.stat()
-    os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # touched, same size
-    touched = cache.key(image, BACKBONE, 1024)
-    assert touched != key and touched not in cache
+    os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # touched, same bytes
+    assert cache.key(image, BACKBONE, 1024) == key
+    copy = tmp_path / "elsewhere" / "copy.jpg"  # a data set copied to a new place
+    copy.parent.mkdir()
+    shutil.copyfile(image, copy)
+    assert cache.key(copy, BACKBONE, 1024) == key and cache.get(key) is not None
+    # Same size, one byte changed: a different image, a different key.
+    data = bytearray(image.read_bytes())
+    data[-3] ^= 0xFF
+    image.write_bytes(bytes(data))
+    edited = cache.key(image, BACKBONE, 1024)
+    assert edited != key and edited not in cache
     image.write_bytes(b"other bytes, other size")
-    assert cache.key(image, BACKBONE, 1024) not in {key, touched}
+    assert cache.key(image, BACKBONE, 1024) not in {key, edited}
 
 
 def test_key_of_missing_file(cache, tmp_path):

@@ -6,8 +6,9 @@ Layout under ``root``::
     root/<config>/<ab>/<image>.npz      one FeatureMap: features, image_size, keypoints
 
 ``<config>`` hashes the extraction configuration (backbone id, max_side, cache format), ``<image>``
-hashes the image's resolved path, size, modification time, crop box and rotation: editing or
-replacing a file changes its key, so it is re-extracted instead of served stale. A key is the string
+hashes the image file's *content* (sha256 of its bytes), crop box and rotation: editing or replacing
+a file changes its key, so it is re-extracted instead of served stale, while copying, moving or
+touching a data set (a fresh checkout, a new machine) keeps every entry valid. A key is the string
 ``"<config>-<image>"``.
 
 Writes go to a temporary file in the entry's directory, are flushed and fsynced, then renamed over
@@ -37,12 +38,13 @@ import numpy as np
 from selret.errors import CacheError, ImageNotFoundError
 from selret.features import FeatureMap
 
-__all__ = ["CACHE_FORMAT", "FeatureCache"]
+__all__ = ["CACHE_FORMAT", "FeatureCache", "file_digest"]
 
 logger = logging.getLogger(__name__)
 
 #: Version of the entry layout; part of the config hash, so a format change starts a fresh cache.
-CACHE_FORMAT = 1
+#: 2: image keys hash the file's content instead of its path and mtime.
+CACHE_FORMAT = 2
 
 _KEY = re.compile(r"^([0-9a-f]{12})-([0-9a-f]{32})$")
 _STORAGE_DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -51,6 +53,30 @@ _STORAGE_DTYPES = {"float32": np.float32, "float16": np.float16}
 def _digest(obj: object, n: int) -> str:
     text = json.dumps(obj, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:n]
+
+
+# file_digest memo: (resolved path, size, mtime_ns, inode) -> sha256; a file whose stat is unchanged
+# is not read again within one process.
+_DIGESTS: dict[tuple, str] = {}
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 (hex) of the bytes of file ``path``; ImageNotFoundError when it cannot be read."""
+    p = Path(path).expanduser()
+    try:
+        resolved = p.resolve()
+        st = resolved.stat()
+        memo = (str(resolved), st.st_size, st.st_mtime_ns, st.st_ino)
+        if memo in _DIGESTS:
+            return _DIGESTS[memo]
+        digest = hashlib.sha256()
+        with open(resolved, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    except OSError as exc:
+        raise ImageNotFoundError(p, f"cannot read file: {exc.strerror or exc}") from None
+    _DIGESTS[memo] = digest.hexdigest()
+    return _DIGESTS[memo]
 
 
 def _fsync_dir(path: Path) -> None:
@@ -124,15 +150,10 @@ class FeatureCache:
     ) -> str:
         """The cache key of image file ``path`` extracted with ``backbone_id`` at ``max_side``.
 
-        Depends on the resolved path, the file's size and mtime (ns), ``bbox`` and ``rotation``.
-        Raises ImageNotFoundError when ``path`` cannot be stat'ed.
+        Depends on the file's content (not its path or mtime), ``bbox`` and ``rotation``.
+        Raises ImageNotFoundError when ``path`` cannot be read.
         """
-        p = Path(path).expanduser()
-        try:
-            resolved = p.resolve()
-            st = resolved.stat()
-        except OSError as exc:
-            raise ImageNotFoundError(p, f"cannot access file: {exc.strerror or exc}") from None
+        content = file_digest(path)
         config = {
             "format": CACHE_FORMAT,
             "backbone_id": str(backbone_id),
@@ -141,9 +162,7 @@ class FeatureCache:
         config_hash = _digest(config, 12)
         self._configs.setdefault(config_hash, config)
         image = {
-            "path": str(resolved),
-            "size": st.st_size,
-            "mtime_ns": st.st_mtime_ns,
+            "sha256": content,
             "bbox": None if bbox is None else [float(v) for v in bbox],
             "rotation": int(rotation),
         }

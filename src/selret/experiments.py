@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from selret.cache import file_digest
 from selret.datasets import RetrievalBenchmark
 from selret.encoder import Encoder, EncoderConfig
 from selret.evaluate_run import (
@@ -78,8 +79,8 @@ class Setup:
     ``learn`` are image paths (see :func:`make_setup` for folders and subsampling); ``base`` holds
     EncoderConfig fields applied to every encoder of the grid (e.g. ``kmeans_iters``).
     ``preload`` keeps the maps in memory between the runs. ``encoder_dir``, when set, keeps
-    every fitted encoder there, named by a hash of its config and of the learning images (path,
-    size, mtime), and reuses it in a later run with the same config and learning set (e.g. the
+    every fitted encoder there, named by a hash of its config and of the learning images'
+    content, and reuses it in a later run with the same config and learning set (e.g. the
     two protocols of one benchmark).
     """
 
@@ -156,11 +157,10 @@ class Setup:
 
 
 def fit_key(config: EncoderConfig, learn: Sequence[str | Path]) -> str:
-    """sha1 naming a fit: the config and each learning image's resolved path, size and mtime."""
+    """sha1 naming a fit: the config and the content (sha256) of each learning image, in order."""
     digest = hashlib.sha1(json.dumps(config.to_dict(), sort_keys=True).encode())
     for p in learn:
-        st = Path(p).resolve().stat()
-        digest.update(f"{Path(p).resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        digest.update(f"{file_digest(p)}\n".encode())
     return digest.hexdigest()
 
 
