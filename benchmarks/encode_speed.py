@@ -24,7 +24,6 @@ torch paths (local PCA, T-emb, whitening and ``aggregation.democratic_pool_torch
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import platform
 import statistics
@@ -44,11 +43,7 @@ from selret.features import FeatureMap
 from selret.masks import MASKS, compute_mask
 from selret.postprocessing import postprocess
 from selret.preprocessing import l2_normalize_rows
-
-try:
-    from threadpoolctl import threadpool_info, threadpool_limits
-except ImportError:  # BLAS threads then follow torch / OMP settings only
-    threadpool_info = threadpool_limits = None
+from selret.threads import describe_pools, limit_threads
 
 DEFAULT_CACHE = Path("/work/selret-cache")
 PRESETS = ("temb-demo-512", "temb-demo-4096")
@@ -56,29 +51,6 @@ MASK_LABELS = {"max": "MAX", "sum": "SUM", "sift": "SIFT", "none": "none"}
 RMAC = "R-MAC L=3"
 RMAC_PW = "R-MAC L=3 + PCA-w"
 
-# ---------------------------------------------------------------------------- threads
-
-
-@contextlib.contextmanager
-def num_threads(n: int):
-    """torch intra-op, faiss OpenMP and (threadpoolctl) BLAS / OpenMP pools limited to ``n``."""
-    old_torch, old_faiss = torch.get_num_threads(), faiss.omp_get_max_threads()
-    torch.set_num_threads(n)
-    faiss.omp_set_num_threads(n)
-    limits = threadpool_limits(limits=n) if threadpool_limits else contextlib.nullcontext()
-    try:
-        with limits:
-            yield
-    finally:
-        torch.set_num_threads(old_torch)
-        faiss.omp_set_num_threads(old_faiss)
-
-
-def describe_pools() -> str:
-    if threadpool_info is None:
-        return "threadpoolctl not installed: BLAS pools not limited"
-    pools = [f"{p['internal_api']}({p['num_threads']})" for p in threadpool_info()]
-    return "threadpoolctl pools: " + ", ".join(pools)
 
 
 # ---------------------------------------------------------------------------- data
@@ -388,7 +360,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     encoders: dict[str, Encoder] = {}
     info: dict[str, str] = {}
     fit_iters = {"kmeans_iters": 20, "kmeans_restarts": 1} if args.quick else {}
-    with num_threads(n_all):
+    with limit_threads(n_all):
         for p in presets:
             for m in masks:
                 cfg = EncoderConfig.from_preset(p, mask=m, seed=args.seed, **fit_iters)
@@ -421,7 +393,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     # ------------------------------------------------------------ per-image time
     results = {}
     for n in threads:
-        with num_threads(n):
+        with limit_threads(n):
             per_round = time_rounds(methods, test, repeats, args.seed)
         results[n] = per_round
         print_table(f"Per-image encode time, {n} thread{'s' if n > 1 else ''} "
@@ -447,7 +419,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"(breakdown {item}: not fitted in this run, skipped)")
             continue
         for n in threads:
-            with num_threads(n):
+            with limit_threads(n):
                 print_breakdown(f"{label}, {n} thread(s)", encoders[label], test, repeats)
 
     # ------------------------------------------------------------ batched torch paths
@@ -457,7 +429,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if label not in encoders:
             continue
         enc = encoders[label]
-        with num_threads(1):
+        with limit_threads(1):
             diff = check_batched(enc, test[:4], torch.device("cpu"))
             cpu = time.process_time()
             _, dev_s, post_s = encode_batch_torch(enc, test, torch.device("cpu"))

@@ -1,4 +1,4 @@
-"""The one typer application every command module registers on."""
+"""The one typer application every command module registers on, and its global options."""
 
 import typer
 
@@ -8,3 +8,21 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
+
+
+@app.callback()
+def _global_options(
+    threads: int | None = typer.Option(
+        None,
+        "--threads",
+        envvar="SELRET_THREADS",
+        min=1,
+        help="Threads for torch, faiss and BLAS in this process [default: all cores]. One thread "
+        "per process is fastest when several selret processes share a machine.",
+    ),
+) -> None:
+    if threads is not None:
+        # Imported here: torch and faiss make `selret --help` slow.
+        from selret.threads import set_threads
+
+        set_threads(threads)
