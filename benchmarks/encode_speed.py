@@ -333,7 +333,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     source, read_s = "synthetic", float("nan")
     if args.data != "synthetic":
         maps, read_s = cached_maps(args.cache, n_images + n_learn)
-        if len(maps) >= args.min_cached or (args.data == "cache" and len(maps) >= 4):
+        # Enough real maps: all the run needs (quick asks for fewer than --min-cached), or any
+        # four when --data cache insists.
+        enough = min(args.min_cached, n_images + n_learn)
+        if len(maps) >= enough or (args.data == "cache" and len(maps) >= 4):
             n_images = min(n_images, len(maps) // 2)
             test, learn = maps[:n_images], maps[n_images:]
             source = f"cache {args.cache} ({len(maps)} maps read)"
@@ -341,7 +344,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise SystemExit(f"{args.cache}: only {len(maps)} cached pool5/1024 maps")
         else:
             print(
-                f"only {len(maps)} cached maps in {args.cache} (< {args.min_cached}): synthetic maps"
+                f"only {len(maps)} cached maps in {args.cache} (< {enough}): synthetic maps"
             )
     if source == "synthetic":
         test = synthetic_maps(n_images, args.seed)
