@@ -52,7 +52,6 @@ RMAC = "R-MAC L=3"
 RMAC_PW = "R-MAC L=3 + PCA-w"
 
 
-
 # ---------------------------------------------------------------------------- data
 
 
@@ -343,9 +342,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         elif args.data == "cache":
             raise SystemExit(f"{args.cache}: only {len(maps)} cached pool5/1024 maps")
         else:
-            print(
-                f"only {len(maps)} cached maps in {args.cache} (< {enough}): synthetic maps"
-            )
+            print(f"only {len(maps)} cached maps in {args.cache} (< {enough}): synthetic maps")
     if source == "synthetic":
         test = synthetic_maps(n_images, args.seed)
         learn = synthetic_maps(n_learn, args.seed + 1)

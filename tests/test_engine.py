@@ -28,8 +28,16 @@ def make_images(folder: Path, n: int, seed: int) -> list[Path]:
         img = np.full((72, 96, 3), rng.integers(0, 255, 3), np.uint8)
         for _ in range(6):
             c = tuple(int(v) for v in rng.integers(0, 255, 3))
-            cv2.circle(img, tuple(int(v) for v in rng.integers(0, 96, 2)), int(rng.integers(4, 20)), c, -1)
-            cv2.line(img, tuple(int(v) for v in rng.integers(0, 96, 2)), tuple(int(v) for v in rng.integers(0, 96, 2)), c, 2)
+            cv2.circle(
+                img, tuple(int(v) for v in rng.integers(0, 96, 2)), int(rng.integers(4, 20)), c, -1
+            )
+            cv2.line(
+                img,
+                tuple(int(v) for v in rng.integers(0, 96, 2)),
+                tuple(int(v) for v in rng.integers(0, 96, 2)),
+                c,
+                2,
+            )
         p = folder / f"img{i:02d}.png"
         cv2.imwrite(str(p), img)
         paths.append(p)
@@ -84,7 +92,9 @@ def test_engine_reports_bad_files_and_keeps_going(workspace, tmp_path):
 def test_engine_refuses_other_encoder(workspace, tmp_path):
     w = workspace
     SearchEngine.create(tmp_path / "eng", w["encoder"], cache_dir=w["cache"])
-    other = Encoder(EncoderConfig(**CONFIG, seed=5)).fit(feature_maps_for(w["learn"], EncoderConfig(**CONFIG, seed=5), w["cache"], progress=False))
+    other = Encoder(EncoderConfig(**CONFIG, seed=5)).fit(
+        feature_maps_for(w["learn"], EncoderConfig(**CONFIG, seed=5), w["cache"], progress=False)
+    )
     other.save(tmp_path / "eng" / "encoder.npz")  # swap the encoder behind the index's back
     with pytest.raises(ConfigMismatchError):
         SearchEngine.open(tmp_path / "eng")
@@ -99,20 +109,42 @@ def test_cli_fit_encode_index_search(workspace, tmp_path):
     runner = CliRunner()
     cache = ["--cache", str(w["cache"])]
     enc = tmp_path / "enc.npz"
-    r = runner.invoke(app, ["fit", str(w["root"] / "learn"), "-o", str(enc), "--weights", "random", "--max-side", "96",
-                            "--d", "16", "--k", "10", "--mask", "sum", *cache])
+    r = runner.invoke(
+        app,
+        [
+            "fit",
+            str(w["root"] / "learn"),
+            "-o",
+            str(enc),
+            "--weights",
+            "random",
+            "--max-side",
+            "96",
+            "--d",
+            "16",
+            "--k",
+            "10",
+            "--mask",
+            "sum",
+            *cache,
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "D=32" in r.output and enc.is_file()
 
     vecs = tmp_path / "vecs.npz"
-    r = runner.invoke(app, ["encode", str(w["root"] / "db"), "-e", str(enc), "-o", str(vecs), *cache])
+    r = runner.invoke(
+        app, ["encode", str(w["root"] / "db"), "-e", str(enc), "-o", str(vecs), *cache]
+    )
     assert r.exit_code == 0, r.output
     data = np.load(vecs)
     assert data["vectors"].shape == (6, 32)
     np.testing.assert_allclose(np.linalg.norm(data["vectors"], axis=1), 1, atol=1e-5)
 
     eng = tmp_path / "eng"
-    r = runner.invoke(app, ["index", "build", str(eng), str(w["root"] / "db"), "-e", str(enc), *cache])
+    r = runner.invoke(
+        app, ["index", "build", str(eng), str(w["root"] / "db"), "-e", str(enc), *cache]
+    )
     assert r.exit_code == 0, r.output
     assert "added 6" in r.output
     r = runner.invoke(app, ["index", "add", str(eng), str(w["root"] / "db"), *cache])

@@ -114,9 +114,7 @@ class SearchEngine:
                 meta = [
                     dict(zip(("height", "width"), image_size(p), strict=True)) for p in maps.paths
                 ]
-                report.added = len(
-                    self.index.add([str(p) for p in maps.paths], vectors, meta)
-                )
+                report.added = len(self.index.add([str(p) for p in maps.paths], vectors, meta))
         self.index.save()
         return report
 
