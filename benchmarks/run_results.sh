@@ -57,5 +57,5 @@ for size in ${SIZES:-512 1024}; do
   done
 done
 
-# The issue-3 check at 512 px (tests/test_real_retrieval.py, a slow test).
+# The issue-3 check at 1024 px (tests/test_real_retrieval.py, a slow test).
 [ -n "${BENCHMARKS:-}" ] || SELRET_TEST_CACHE=${SELRET_TEST_CACHE:-$CACHE} "$PYTHON" -m pytest tests/test_real_retrieval.py -q -s -m slow

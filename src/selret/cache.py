@@ -22,6 +22,7 @@ returns None, so the image is extracted again and the entry overwritten.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -55,28 +56,28 @@ def _digest(obj: object, n: int) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:n]
 
 
-# file_digest memo: (resolved path, size, mtime_ns, inode) -> sha256; a file whose stat is unchanged
-# is not read again within one process.
-_DIGESTS: dict[tuple, str] = {}
-
-
 def file_digest(path: str | Path) -> str:
-    """sha256 (hex) of the bytes of file ``path``; ImageNotFoundError when it cannot be read."""
+    """sha256 (hex) of the bytes of file ``path``; ImageNotFoundError when it cannot be read.
+
+    A file whose stat (size, mtime, inode) is unchanged is not read again within one process.
+    """
     p = Path(path).expanduser()
     try:
         resolved = p.resolve()
         st = resolved.stat()
-        memo = (str(resolved), st.st_size, st.st_mtime_ns, st.st_ino)
-        if memo in _DIGESTS:
-            return _DIGESTS[memo]
-        digest = hashlib.sha256()
-        with open(resolved, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
+        return _content_digest(str(resolved), st.st_size, st.st_mtime_ns, st.st_ino)
     except OSError as exc:
         raise ImageNotFoundError(p, f"cannot read file: {exc.strerror or exc}") from None
-    _DIGESTS[memo] = digest.hexdigest()
-    return _DIGESTS[memo]
+
+
+# Bounded: a long-lived process (a server indexing millions of files) must not keep every digest.
+@functools.lru_cache(maxsize=1 << 16)
+def _content_digest(resolved: str, size: int, mtime_ns: int, inode: int) -> str:
+    digest = hashlib.sha256()
+    with open(resolved, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:

@@ -647,16 +647,17 @@ def run(
         )
     notes: list[str] = []
     times = {"extract": data.extract_seconds, "fit": 0.0}
-    if _needs_fit(method):
+    fit_here = _needs_fit(method)
+    if fit_here:
         if data.learn is None or len(data.learn) == 0:
             raise ValueError(f"{method!r} must be fitted and no learning set was given")
         t = time.perf_counter()
         method.fit(data.learn, progress=progress)
         times["fit"] = time.perf_counter() - t
+    if fit_here or (fitted_on_learn and data.learn is not None):
         learning = {"name": data.learn_name, "n_images": len(data.learn), "disjoint_checked": True}
-    elif fitted_on_learn and data.learn is not None:
-        learning = {"name": data.learn_name, "n_images": len(data.learn), "disjoint_checked": True}
-        notes.append("the fit on this learning set was reused from an earlier run")
+        if not fit_here:
+            notes.append("the fit on this learning set was reused from an earlier run")
     elif isinstance(method, Encoder):
         learning = {
             "name": "fitted encoder (learning set not recorded)",

@@ -22,15 +22,20 @@ def _check(n: int) -> int:
     return n
 
 
-def set_threads(n: int) -> None:
-    """Limit torch, faiss and the BLAS / OpenMP pools of this process to ``n`` threads."""
+def _set_torch_faiss(n_torch: int, n_faiss: int) -> None:
     import faiss
     import torch
+
+    torch.set_num_threads(n_torch)
+    faiss.omp_set_num_threads(n_faiss)
+
+
+def set_threads(n: int) -> None:
+    """Limit torch, faiss and the BLAS / OpenMP pools of this process to ``n`` threads."""
     from threadpoolctl import threadpool_limits
 
     _check(n)
-    torch.set_num_threads(n)
-    faiss.omp_set_num_threads(n)
+    _set_torch_faiss(n, n)
     threadpool_limits(limits=n)  # not used as a context manager: the limit stays
 
 
@@ -42,15 +47,13 @@ def limit_threads(n: int) -> Iterator[None]:
     from threadpoolctl import threadpool_limits
 
     _check(n)
-    old_torch, old_faiss = torch.get_num_threads(), faiss.omp_get_max_threads()
-    torch.set_num_threads(n)
-    faiss.omp_set_num_threads(n)
+    old = torch.get_num_threads(), faiss.omp_get_max_threads()
+    _set_torch_faiss(n, n)
     try:
         with threadpool_limits(limits=n):
             yield
     finally:
-        torch.set_num_threads(old_torch)
-        faiss.omp_set_num_threads(old_faiss)
+        _set_torch_faiss(*old)
 
 
 def describe_pools() -> str:
