@@ -60,3 +60,12 @@ def test_cli_threads_from_environment(restore_threads, tmp_path):
 def test_cli_refuses_zero_threads():
     result = CliRunner().invoke(app, ["--threads", "0", "encode", "x"])
     assert result.exit_code == 2 and "--threads" in result.output
+
+
+def test_cli_help_keeps_bracketed_defaults():
+    # Help text is plain, not Rich markup, so "[default: ...]" notes are printed, not eaten as tags.
+    runner = CliRunner()
+    top = runner.invoke(app, ["--help"], env={"COLUMNS": "200"})
+    assert top.exit_code == 0 and "[default: all cores]" in top.output
+    fit = runner.invoke(app, ["fit", "--help"], env={"COLUMNS": "200"})
+    assert fit.exit_code == 0 and "[preset: max]" in fit.output

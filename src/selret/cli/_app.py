@@ -7,6 +7,8 @@ app = typer.Typer(
     help="Selective deep convolutional features for image retrieval: extract, fit, encode, index, search, evaluate, serve.",
     no_args_is_help=True,
     add_completion=False,
+    # Plain help text: with Rich markup, the "[default: ...]" notes in option help vanish as tags.
+    rich_markup_mode=None,
 )
 
 
