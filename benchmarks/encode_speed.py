@@ -2,7 +2,7 @@
 
 Mean time per image to go from one cached conv map (VGG16 pool5 of a 1024-px image) to its final
 vector, for the MAX / SUM / SIFT / no mask x {512-D (``temb-demo-512``), 4096-D
-(``temb-demo-4096``)} encoders, against R-MAC (``selret.baselines.rmac``, L=3, 512-D) on the same
+(``temb-demo-4096``)} encoders, against R-MAC (``selret.evaluation.baselines.rmac``, L=3, 512-D) on the same
 maps in the same run. Printed as a table with the ratio of each method's time to R-MAC's, on one
 CPU thread (the paper's setting, its Figure 6) and on all threads. Encoders are fitted first on
 a separate learning set of maps; the fit is timed and reported but is no part of per-image time.
@@ -35,14 +35,14 @@ import faiss
 import numpy as np
 import torch
 
-from selret.aggregation import aggregate, democratic_pool_torch
-from selret.baselines import PCAWhitening, rmac
-from selret.cache import FeatureCache
-from selret.encoder import Encoder, EncoderConfig
+from selret.encoding.aggregation import aggregate, democratic_pool_torch
+from selret.encoding.encoder import Encoder, EncoderConfig
+from selret.encoding.masks import MASKS, compute_mask
+from selret.encoding.postprocessing import postprocess
+from selret.encoding.preprocessing import l2_normalize_rows
+from selret.evaluation.baselines import PCAWhitening, rmac
 from selret.features import FeatureMap
-from selret.masks import MASKS, compute_mask
-from selret.postprocessing import postprocess
-from selret.preprocessing import l2_normalize_rows
+from selret.features.cache import FeatureCache
 from selret.threads import describe_pools, limit_threads
 
 DEFAULT_CACHE = Path("/work/selret-cache")

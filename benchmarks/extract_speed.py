@@ -1,6 +1,6 @@
 """Speed and peak memory of feature extraction, end to end versus the bare network forward.
 
-End to end = ``selret.extract.extract_to_cache`` on real files into a fresh cache: decode, EXIF,
+End to end = ``selret.features.extract.extract_to_cache`` on real files into a fresh cache: decode, EXIF,
 resize to ``--max-side``, SIFT, VGG16 forward, atomic cache write. The ceiling is the network alone
 (``backbone.net``) on random tensors of the same sizes and batches, in the same process. On CUDA it
 also times the bare forward at float32 / float16 / bfloat16 and batch sizes 1, 4, 8, 16.
@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from selret.backbones import load_backbone
-from selret.cache import FeatureCache
-from selret.extract import DEFAULT_NUM_WORKERS, cache_id, extract_to_cache, list_images
+from selret.features.backbones import load_backbone
+from selret.features.cache import FeatureCache
+from selret.features.extract import DEFAULT_NUM_WORKERS, cache_id, extract_to_cache, list_images
 
 DEFAULT_IMAGES = Path("/work/shared/data/paris6k-250/jpg")
 

@@ -1,6 +1,6 @@
-"""End-to-end HTTP latency and throughput of the search service (selret.server).
+"""End-to-end HTTP latency and throughput of the search service (selret.service.server).
 
-Starts the server (``selret.server.run``, one uvicorn process) on loopback in a subprocess, then
+Starts the server (``selret.service.server.run``, one uvicorn process) on loopback in a subprocess, then
 measures from a client in this process (httpx):
 
 1. search latency of one query image, one client, N sequential requests (after a warm-up);
@@ -14,7 +14,7 @@ and prints one table row each: requests, errors, throughput, mean / p50 / p99 la
     python benchmarks/http_load.py --engine ENGINE_DIR --query photo.jpg -c 8 -t 60 -r 1000
 
 Without ``--engine``, an engine is built under ``--workdir`` from the bundled demo photos
-(selret.demo_data: 40 indexed images, encoder fitted on the disjoint learning set) with
+(selret.evaluation.demo_data: 40 indexed images, encoder fitted on the disjoint learning set) with
 *random* backbone weights: timings are real, rankings meaningless. Without ``--query``, the first
 demo query (or, for a given engine, the indexed image 1 at 1024 px) is the query image.
 """
@@ -35,17 +35,17 @@ import httpx
 import numpy as np
 
 SERVER_CODE = (
-    "import sys; from selret.server import run; "
+    "import sys; from selret.service.server import run; "
     "run(sys.argv[1], host='127.0.0.1', port=int(sys.argv[2]), log_level='warning')"
 )
 
 
 def build_random_engine(workdir: Path, max_side: int) -> tuple[Path, Path]:
     """A random-weights engine over the demo database; returns (engine dir, a query image)."""
-    from selret.demo_data import build_demo_dataset, learning_images
-    from selret.encoder import Encoder, EncoderConfig
-    from selret.engine import SearchEngine
-    from selret.pipeline import feature_maps_for
+    from selret.encoding.encoder import Encoder, EncoderConfig
+    from selret.evaluation.demo_data import build_demo_dataset, learning_images
+    from selret.features.maps import feature_maps_for
+    from selret.search.engine import SearchEngine
 
     engine_dir = workdir / f"engine-random-{max_side}"
     bench = build_demo_dataset(workdir / "data")

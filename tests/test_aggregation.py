@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from selret.aggregation import (
+from selret.encoding.aggregation import (
     AGGREGATIONS,
     aggregate,
     average_pool,

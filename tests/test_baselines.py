@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from selret.baselines import (
+from selret.evaluation.baselines import (
     BASELINES,
     PCAWhitening,
     compute_baseline,

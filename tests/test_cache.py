@@ -1,4 +1,4 @@
-"""selret.cache: exact round trip, keys that follow the file, atomic writes, corrupt entries."""
+"""selret.features.cache: exact round trip, keys that follow the file, atomic writes, corrupt entries."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-import selret.cache
-from selret.cache import FeatureCache
+import selret.features.cache
 from selret.errors import ImageNotFoundError
 from selret.features import FeatureMap
+from selret.features.cache import FeatureCache
 
 BACKBONE = "vgg16-caffe:pool5"
 
@@ -163,7 +163,7 @@ def test_crash_before_replace_keeps_old_entry(cache, image, monkeypatch, interru
     def crash(src, dst):
         raise interrupt
 
-    monkeypatch.setattr(selret.cache.os, "replace", crash)
+    monkeypatch.setattr(selret.features.cache.os, "replace", crash)
     with pytest.raises(type(interrupt)):
         cache.put(key, make_map(1))
     monkeypatch.undo()
@@ -180,7 +180,7 @@ def test_crash_mid_write_leaves_no_entry(cache, image, monkeypatch):
         fh.truncate(fh.tell() // 2)  # a partial file on disk, then the process "dies"
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(selret.cache.np, "savez", half_write)
+    monkeypatch.setattr(selret.features.cache.np, "savez", half_write)
     with pytest.raises(KeyboardInterrupt):
         cache.put(key, make_map())
     monkeypatch.undo()
@@ -206,7 +206,7 @@ def test_corrupt_entry_is_missing(cache, image, caplog, damage):
         path.write_bytes(b"\x00" * 64)
     else:
         np.savez(path, features=np.zeros((2, 2, 2), np.float32))
-    with caplog.at_level(logging.WARNING, logger="selret.cache"):
+    with caplog.at_level(logging.WARNING, logger="selret.features.cache"):
         assert cache.get(key) is None
     assert str(path) in caplog.text and "treated as missing" in caplog.text
     cache.put(key, make_map(3))  # re-extraction overwrites it

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from selret.datasets import (
+from selret.evaluation.datasets import (
     DatasetError,
     Query,
     RetrievalBenchmark,
@@ -29,7 +29,7 @@ from selret.datasets import (
     ukbench_groups,
     write_gnd,
 )
-from selret.evaluation import compute_map, compute_map_revisited
+from selret.evaluation.metrics import compute_map, compute_map_revisited
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 GT = DATA / "ground-truth"

@@ -24,11 +24,11 @@ from selret.distributed import (  # noqa: E402
     read_failures,
     shard_indexes,
 )
-from selret.encoder import Encoder, EncoderConfig  # noqa: E402
-from selret.engine import SearchEngine, normalise_path  # noqa: E402
+from selret.encoding.encoder import Encoder, EncoderConfig  # noqa: E402
 from selret.errors import ConfigMismatchError  # noqa: E402
-from selret.index import ImageIndex, ShardedSearch  # noqa: E402
-from selret.pipeline import feature_maps_for  # noqa: E402
+from selret.features.maps import feature_maps_for  # noqa: E402
+from selret.search.engine import SearchEngine, normalise_path  # noqa: E402
+from selret.search.index import ImageIndex, ShardedSearch  # noqa: E402
 
 pytestmark = pytest.mark.ray
 

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from selret.embeddings import (
+from selret.encoding.embeddings import (
     DiagonalGMM,
     Embedder,
     EmbeddingWhitener,

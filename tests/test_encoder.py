@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from selret.encoder import Encoder, EncoderConfig
+from selret.encoding.encoder import Encoder, EncoderConfig
+from selret.encoding.presets import COMPARISON_4224, PRESETS, TEMB_DEMOCRATIC
 from selret.features import FeatureMap
-from selret.presets import COMPARISON_4224, PRESETS, TEMB_DEMOCRATIC
 
 TABLE3 = [
     ("fv", "average"),

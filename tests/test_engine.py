@@ -11,10 +11,10 @@ import pytest
 from typer.testing import CliRunner
 
 from selret.cli import app
-from selret.encoder import Encoder, EncoderConfig
-from selret.engine import SearchEngine
+from selret.encoding.encoder import Encoder, EncoderConfig
 from selret.errors import ConfigMismatchError
-from selret.pipeline import feature_maps_for
+from selret.features.maps import feature_maps_for
+from selret.search.engine import SearchEngine
 
 CONFIG = dict(weights="random", max_side=96, d=16, k=10, kmeans_iters=5)
 
@@ -171,7 +171,13 @@ def test_cli_fit_encode_index_search(workspace, tmp_path):
 
 def test_demo_dataset_is_consistent(tmp_path):
     pytest.importorskip("skimage")
-    from selret.demo_data import DB_VARIANTS, LEARNING, OBJECTS, build_demo_dataset, learning_images
+    from selret.evaluation.demo_data import (
+        DB_VARIANTS,
+        LEARNING,
+        OBJECTS,
+        build_demo_dataset,
+        learning_images,
+    )
 
     bench = build_demo_dataset(tmp_path / "demo")
     assert len(bench.db_images) == len(OBJECTS) * len(DB_VARIANTS)

@@ -11,9 +11,9 @@ import cv2
 import numpy as np
 import pytest
 
-from selret.datasets import Query, RetrievalBenchmark, read_object_folders, read_ukbench
-from selret.encoder import Encoder, EncoderConfig
-from selret.evaluate_run import (
+from selret.encoding.encoder import Encoder, EncoderConfig
+from selret.evaluation.datasets import Query, RetrievalBenchmark, read_object_folders, read_ukbench
+from selret.evaluation.runs import (
     BaselineEncoder,
     LearningSetOverlapError,
     check_disjoint,
@@ -24,7 +24,7 @@ from selret.evaluate_run import (
 )
 
 # The tiny learning sets here are deliberate: the encoder's warning about them is expected.
-pytestmark = pytest.mark.filterwarnings("ignore::selret.encoder.SmallLearningSetWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::selret.encoding.encoder.SmallLearningSetWarning")
 
 SIZE = 128
 FAST = {"kmeans_iters": 5, "kmeans_restarts": 1}
@@ -242,7 +242,7 @@ def test_report_saves_json_and_markdown(dup_layout, tmp_path):
 def test_contact_sheet_frames_results_by_relevance(dup_layout, tmp_path):
     from PIL import Image
 
-    from selret.plots import NEGATIVE, POSITIVE, contact_sheet, with_border
+    from selret.evaluation.plots import NEGATIVE, POSITIVE, contact_sheet, with_border
 
     framed = with_border(np.zeros((4, 5, 3), np.uint8), POSITIVE, width=2)
     assert framed.shape == (8, 9, 3) and tuple(framed[0, 0]) == POSITIVE and framed[4, 4].sum() == 0

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from selret.evaluation import (
+from selret.evaluation.metrics import (
     compute_ap,
     compute_map,
     compute_map_revisited,

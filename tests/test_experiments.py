@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 from test_eval_run import write_learning, write_objects
 
-from selret import experiments as ex
-from selret.datasets import read_object_folders
-from selret.encoder import Encoder, EncoderConfig
-from selret.evaluate_run import encode_data
-from selret.postprocessing import l2_normalize, power_law
+from selret.encoding.encoder import Encoder, EncoderConfig
+from selret.encoding.postprocessing import l2_normalize, power_law
+from selret.evaluation import experiments as ex
+from selret.evaluation.datasets import read_object_folders
+from selret.evaluation.runs import encode_data
 
 # The tiny learning sets here are deliberate: the encoder's warning about them is expected.
-pytestmark = pytest.mark.filterwarnings("ignore::selret.encoder.SmallLearningSetWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::selret.encoding.encoder.SmallLearningSetWarning")
 
 SIZE = 128
 FAST = {"kmeans_iters": 5, "kmeans_restarts": 1}

@@ -1,4 +1,4 @@
-"""selret.extract and ``selret extract``: counts, failure log, resume after a kill, equal-size batches."""
+"""selret.features.extract and ``selret extract``: counts, failure log, resume after a kill, equal-size batches."""
 
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ import torch
 import typer.main
 from PIL import Image
 
-from selret.backbones import load_backbone
-from selret.cache import FeatureCache
 from selret.cli import app
 from selret.errors import EmptyImageError
-from selret.extract import cache_id, extract_to_cache, iter_feature_maps, list_images
-from selret.io import prepare_image
-from selret.masks import detect_keypoints
+from selret.features.backbones import load_backbone
+from selret.features.cache import FeatureCache
+from selret.features.extract import cache_id, extract_to_cache, iter_feature_maps, list_images
+from selret.features.io import prepare_image
+from selret.features.keypoints import detect_keypoints
 
 MAX_SIDE = 64  # 64 x 48 inputs -> 2 x 1 pool5 grids: VGG16 is still ~1 GFLOP per image here
 FLAT = (1, 2, 3)  # colour of the image the "picky" backbone refuses

@@ -1,4 +1,4 @@
-"""Tests of selret.index: VectorIndex kinds, query expansion, the persistent ImageIndex, shards."""
+"""Tests of selret.search.index: VectorIndex kinds, query expansion, the persistent ImageIndex, shards."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import faiss
 import numpy as np
 import pytest
 
-import selret.index as index_mod
+import selret.search.index as index_mod
 from selret.errors import ConfigMismatchError
-from selret.index import (
+from selret.search.index import (
     CorruptIndexError,
     ImageIndex,
     IndexConflictError,

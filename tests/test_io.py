@@ -1,4 +1,4 @@
-"""selret.io: decoding every colour mode, EXIF orientation, typed errors, resize and crop protocol."""
+"""selret.features.io: decoding every colour mode, EXIF orientation, typed errors, resize and crop protocol."""
 
 from __future__ import annotations
 
@@ -19,7 +19,14 @@ from selret.errors import (
     ImageTooLargeError,
     ImageTooSmallError,
 )
-from selret.io import MIN_NETWORK_SIDE, load_image, prepare_image, resize_longest, resize_to, rotate
+from selret.features.io import (
+    MIN_NETWORK_SIDE,
+    load_image,
+    prepare_image,
+    resize_longest,
+    resize_to,
+    rotate,
+)
 
 RED, GREEN = (200, 30, 40), (20, 180, 60)
 
@@ -359,7 +366,7 @@ def test_prepare_rotation_then_crop(landscape):
 def test_image_size_reads_header_and_exif_orientation(tmp_path):
     from PIL import Image
 
-    from selret.io import image_size
+    from selret.features.io import image_size
 
     img = Image.new("RGB", (40, 30), (10, 20, 30))
     plain = tmp_path / "plain.jpg"

@@ -4,17 +4,17 @@ import cv2
 import numpy as np
 import pytest
 
-from selret.features import FeatureMap
-from selret.masks import (
+from selret.encoding.masks import (
     MASKS,
     compute_mask,
-    detect_keypoints,
     kept_fraction,
     max_mask,
     none_mask,
     sift_mask,
     sum_mask,
 )
+from selret.features import FeatureMap
+from selret.features.keypoints import detect_keypoints
 
 PARIS = Path("/work/shared/data/paris6k-250/jpg")
 

@@ -1,7 +1,13 @@
 import numpy as np
 import pytest
 
-from selret.postprocessing import Rotation, drop_leading, l2_normalize, postprocess, power_law
+from selret.encoding.postprocessing import (
+    Rotation,
+    drop_leading,
+    l2_normalize,
+    postprocess,
+    power_law,
+)
 
 
 def _training(n, d, seed=0, dtype=np.float64):

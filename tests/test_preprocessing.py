@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from selret.preprocessing import (
+from selret.encoding.preprocessing import (
     LocalPCA,
     eigh_descending,
     iter_row_chunks,

@@ -18,9 +18,9 @@ import time
 import pytest
 from conftest import data_dir, requires_weights
 
-from selret.datasets import load_benchmark
-from selret.encoder import Encoder, EncoderConfig
-from selret.evaluate_run import BaselineEncoder, prepare, run
+from selret.encoding.encoder import Encoder, EncoderConfig
+from selret.evaluation.datasets import load_benchmark
+from selret.evaluation.runs import BaselineEncoder, prepare, run
 
 pytestmark = [pytest.mark.slow, requires_weights]
 

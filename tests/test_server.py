@@ -1,4 +1,4 @@
-"""The HTTP service (selret.server) on a real uvicorn server over a small random-weights engine."""
+"""The HTTP service (selret.service.server) on a real uvicorn server over a small random-weights engine."""
 
 from __future__ import annotations
 
@@ -339,7 +339,7 @@ def test_openapi_lists_the_endpoints(client):
 
 
 def test_missing_engine_fails_at_startup(tmp_path):
-    from selret.server import create_app, serve_in_background
+    from selret.service.server import create_app, serve_in_background
 
     with pytest.raises(RuntimeError, match="did not start"):
         with serve_in_background(create_app(tmp_path / "nowhere"), timeout=30):

@@ -17,8 +17,8 @@ A **shard** is a pair of files in the output folder:
 ``<id>`` is a hash of the paths the shard holds, so a Ray task that is retried rewrites the same
 shard instead of adding a duplicate. A rerun on the same output folder encodes only the paths no
 shard holds yet (failed ones are retried). Shards are then added to an :class:`ImageIndex` or a
-:class:`~selret.engine.SearchEngine` (:func:`ingest_shards`), or each turned into its own index
-for :class:`~selret.index.ShardedSearch` (:func:`shard_indexes`).
+:class:`~selret.search.engine.SearchEngine` (:func:`ingest_shards`), or each turned into its own index
+for :class:`~selret.search.index.ShardedSearch` (:func:`shard_indexes`).
 
 Ray and torch are imported inside the functions that need them: reading shards needs neither.
 """
@@ -36,13 +36,13 @@ from pathlib import Path
 
 import numpy as np
 
-from selret.cache import atomic_write
-from selret.encoder import Encoder
-from selret.engine import ENCODER_FILE, INDEX_DIR, SearchEngine, normalise_path
+from selret.encoding.encoder import Encoder
 from selret.errors import ConfigMismatchError, ImageError
-from selret.extract import list_images
 from selret.features import FeatureMap
-from selret.index import ImageIndex
+from selret.features.cache import atomic_write
+from selret.features.extract import list_images
+from selret.search.engine import ENCODER_FILE, INDEX_DIR, SearchEngine, normalise_path
+from selret.search.index import ImageIndex
 
 __all__ = [
     "DEFAULT_SHARD_ROWS",
@@ -174,7 +174,7 @@ def _check_fingerprint(shard_file: Path, fingerprint: str, against: str) -> None
 
 
 def _failure_reason(exc: BaseException) -> tuple[str, str]:
-    """(error type, reason) of an image failure, as ``selret.extract`` logs them."""
+    """(error type, reason) of an image failure, as ``selret.features.extract`` logs them."""
     return type(exc).__name__, exc.reason if isinstance(exc, ImageError) else str(exc)
 
 
@@ -187,8 +187,8 @@ def decode_batch(batch: dict[str, np.ndarray], max_side: int, sift: bool) -> dic
     bytes plus their shape because images of different sizes make a ragged column, which Ray's
     tensor columns handle differently across versions; a binary column always works.
     """
-    from selret.io import prepare_image
-    from selret.masks import detect_keypoints
+    from selret.features.io import prepare_image
+    from selret.features.keypoints import detect_keypoints
 
     out: dict[str, list] = {
         k: [] for k in ("path", "error", "reason", "rgb", "height", "width", "keypoints")

@@ -33,11 +33,11 @@ def demo(
     """Build an encoder and an index on bundled real photos, run the queries, print results and mAP."""
     import numpy as np
 
-    from selret.demo_data import build_demo_dataset, learning_images
-    from selret.encoder import Encoder, EncoderConfig, SmallLearningSetWarning
-    from selret.engine import SearchEngine
-    from selret.evaluation import compute_map
-    from selret.pipeline import feature_maps_for
+    from selret.encoding.encoder import Encoder, EncoderConfig, SmallLearningSetWarning
+    from selret.evaluation.demo_data import build_demo_dataset, learning_images
+    from selret.evaluation.metrics import compute_map
+    from selret.features.maps import feature_maps_for
+    from selret.search.engine import SearchEngine
 
     workdir = workdir.expanduser()
     cache = workdir / "features"

@@ -14,8 +14,8 @@ def config_from_options(
     config_overrides: dict,
 ):
     """An EncoderConfig from a preset name and the options the user set (None = not set)."""
-    from selret.encoder import EncoderConfig
-    from selret.presets import DEFAULT_PRESET
+    from selret.encoding.encoder import EncoderConfig
+    from selret.encoding.presets import DEFAULT_PRESET
 
     overrides = {k: v for k, v in config_overrides.items() if v is not None}
     return EncoderConfig.from_preset(preset or DEFAULT_PRESET, **overrides)
@@ -54,9 +54,9 @@ def fit(
     device: str | None = typer.Option(None, help="auto, cpu or cuda."),
 ) -> None:
     """Learn an encoder (PCA, codebook, whitening, rotation) on a held-out learning set."""
-    from selret.encoder import Encoder
-    from selret.extract import list_images
-    from selret.pipeline import feature_maps_for
+    from selret.encoding.encoder import Encoder
+    from selret.features.extract import list_images
+    from selret.features.maps import feature_maps_for
 
     config = config_from_options(preset, dict(
         mask=mask, embedding=embedding, aggregation=aggregation, d=d, k=k, alpha=alpha,
@@ -95,9 +95,9 @@ def encode(
     """Encode images into global vectors with a fitted encoder."""
     import numpy as np
 
-    from selret.encoder import Encoder
-    from selret.extract import list_images
-    from selret.pipeline import feature_maps_for
+    from selret.encoding.encoder import Encoder
+    from selret.features.extract import list_images
+    from selret.features.maps import feature_maps_for
 
     encoder = Encoder.load(encoder_path).to(device or "auto")  # the GPU when there is one
     paths = list_images(input)

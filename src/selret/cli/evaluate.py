@@ -32,7 +32,7 @@ class ExperimentName(StrEnum):
 
 
 def _load(dataset: str, root: Path | None, protocol: str | None):
-    from selret.datasets import load_benchmark
+    from selret.evaluation.datasets import load_benchmark
 
     return load_benchmark(dataset, root=root, protocol=protocol)
 
@@ -105,10 +105,10 @@ def eval_(
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
     """Evaluate a method on a benchmark: mAP (and top-1, per group, N-S), report.json + report.md + contact.png."""
-    from selret.encoder import Encoder
+    from selret.encoding.encoder import Encoder
     from selret.errors import SelretError
-    from selret.evaluate_run import BaselineEncoder, evaluate
-    from selret.plots import contact_sheet
+    from selret.evaluation.plots import contact_sheet
+    from selret.evaluation.runs import BaselineEncoder, evaluate
 
     if sum(x is not None for x in (encoder_path, baseline)) + (preset is not None) > 1:
         raise typer.BadParameter("give one of --encoder, --preset or --baseline")
@@ -244,8 +244,8 @@ def experiment(
     progress: bool = typer.Option(True, help="Show extraction progress bars."),
 ) -> None:
     """Run one of the paper's experiments; writes NAME.json, NAME.md and NAME.png and prints the table."""
-    from selret import experiments as ex
     from selret.errors import SelretError
+    from selret.evaluation import experiments as ex
 
     if not learn:
         raise typer.BadParameter("give a held-out learning set with --learn")

@@ -74,10 +74,10 @@ def extract(
     image could be processed.
     """
     # Heavy imports here, so that `selret --help` stays fast.
-    from selret.backbones import load_backbone
-    from selret.cache import FeatureCache
     from selret.errors import SelretError
-    from selret.extract import DEFAULT_NUM_WORKERS, cache_id, extract_to_cache, list_images
+    from selret.features.backbones import load_backbone
+    from selret.features.cache import FeatureCache
+    from selret.features.extract import DEFAULT_NUM_WORKERS, cache_id, extract_to_cache, list_images
 
     try:
         paths = list_images(input)

@@ -19,7 +19,7 @@ ENGINE_HELP = "Index directory (holds encoder.npz and index/)."
 
 
 def _images(source: Path) -> list[Path]:
-    from selret.extract import list_images
+    from selret.features.extract import list_images
 
     paths = list_images(source)
     if not paths:
@@ -55,8 +55,8 @@ def build(
     ),
 ) -> None:
     """Create an index from an encoder (or fit one on --learn) and add IMAGES to it."""
-    from selret.encoder import Encoder
-    from selret.engine import SearchEngine
+    from selret.encoding.encoder import Encoder
+    from selret.search.engine import SearchEngine
 
     if (encoder_path is None) == (learn is None):
         raise typer.BadParameter("give exactly one of --encoder FILE or --learn IMAGES")
@@ -64,7 +64,7 @@ def build(
         encoder = Encoder.load(encoder_path)
     else:
         from selret.cli.encoder import config_from_options
-        from selret.pipeline import feature_maps_for
+        from selret.features.maps import feature_maps_for
 
         config = config_from_options(preset, dict(mask=mask, max_side=max_side, weights=weights))
         maps = feature_maps_for(_images(learn), config, cache)
@@ -83,7 +83,7 @@ def add(
     cache: Path | None = typer.Option(None, help="Feature cache."),
 ) -> None:
     """Add images to an index (incremental: already-indexed images are skipped)."""
-    from selret.engine import SearchEngine
+    from selret.search.engine import SearchEngine
 
     engine = SearchEngine.open(engine_dir, cache_dir=cache)
     _print_add_report(engine.add_images(_images(images)))
@@ -96,7 +96,7 @@ def remove(
     paths: list[str] = typer.Argument(..., help="Image paths (or catalog ids) to remove."),
 ) -> None:
     """Remove images from an index."""
-    from selret.engine import SearchEngine
+    from selret.search.engine import SearchEngine
 
     engine = SearchEngine.open(engine_dir)
     items = [int(p) if p.isdigit() else p for p in paths]
@@ -109,7 +109,7 @@ def info(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """Describe an index: size, dimension, index kind, encoder."""
-    from selret.engine import SearchEngine
+    from selret.search.engine import SearchEngine
 
     data = SearchEngine.open(engine_dir).info()
     if as_json:
@@ -131,7 +131,7 @@ def info(
 def parse_bbox(text: str | None) -> list[float] | None:
     """--bbox 'x1,y1,x2,y2' -> four floats, or a usage error."""
     from selret.errors import BoundingBoxError
-    from selret.io import parse_bbox as parse
+    from selret.features.io import parse_bbox as parse
 
     try:
         return parse(text)
@@ -153,8 +153,8 @@ def search(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """Search an index with a query image; prints the ranked results."""
-    from selret.engine import SearchEngine
     from selret.errors import SelretError
+    from selret.search.engine import SearchEngine
 
     engine = SearchEngine.open(engine_dir)
     try:

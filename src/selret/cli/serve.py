@@ -27,8 +27,8 @@ def serve(
     ),
 ) -> None:
     """Serve POST /search, GET /images/{id}, /stats, /docs and the web page at http://HOST:PORT/."""
-    from selret.engine import ENCODER_FILE, INDEX_DIR
-    from selret.server import run
+    from selret.search.engine import ENCODER_FILE, INDEX_DIR
+    from selret.service.server import run
 
     # Checked here for a one-line error; uvicorn would report it as a startup traceback.
     if not (engine_dir / ENCODER_FILE).is_file() or not (engine_dir / INDEX_DIR).is_dir():

@@ -269,7 +269,7 @@ class FeatureCache:
         backbone_id = config["backbone_id"]
         manifest = {
             **config,
-            # Backbone.id reads "<weights>:<layer>"; selret.extract appends "@<dtype>" below float32.
+            # Backbone.id reads "<weights>:<layer>"; selret.features.extract appends "@<dtype>" below float32.
             "layer": backbone_id.split(":")[-1].split("@")[0] if ":" in backbone_id else None,
             "storage": self.storage,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

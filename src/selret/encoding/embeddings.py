@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from sklearn.mixture import GaussianMixture
 
-from selret.preprocessing import (
+from selret.encoding.preprocessing import (
     Array,
     State,
     check_fitted,

@@ -2,7 +2,7 @@
 
 * :func:`contact_sheet` - for a few queries, the query thumbnail then its top-k results, each with
   a green (positive), red (negative) or grey (junk) border.
-* :func:`plot_experiment` - the figure of an :class:`selret.experiments.ExperimentResult`: grouped
+* :func:`plot_experiment` - the figure of an :class:`selret.evaluation.experiments.ExperimentResult`: grouped
   bars, mAP-against-parameter curves, or correlation histograms, depending on the experiment.
 
 Figures are built on ``matplotlib.figure.Figure`` directly (not pyplot), so nothing global changes
@@ -35,7 +35,7 @@ def thumbnail(path: str | Path, size: int = 160, bbox=None, rotation: int = 0) -
     """(h, w, 3) uint8 thumbnail of an image file (cropped by ``bbox``), longest side ``size``."""
     from PIL import Image
 
-    from selret.io import load_image, rotate
+    from selret.features.io import load_image, rotate
 
     rgb = rotate(load_image(path), rotation)
     if bbox is not None:
@@ -76,7 +76,7 @@ def contact_sheet(
 ) -> Path:
     """Save a PNG grid: one row per query (query thumbnail, then its top-``k`` results).
 
-    ``ranks`` is (n_db, n_q) as from :func:`selret.evaluation.rank_by_inner_product`; ``queries``
+    ``ranks`` is (n_db, n_q) as from :func:`selret.evaluation.metrics.rank_by_inner_product`; ``queries``
     the query indices to show (default: ``n_queries`` spread over the list). Result borders:
     green positive, red negative, grey junk; the query's border is blue. ``aps`` (per query)
     are printed in the row title when given.

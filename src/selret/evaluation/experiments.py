@@ -1,5 +1,5 @@
 """The paper's experiments as functions: each runs a grid of methods on one benchmark and returns an
-:class:`ExperimentResult` (rows, a markdown table, JSON, and a figure via :mod:`selret.plots`).
+:class:`ExperimentResult` (rows, a markdown table, JSON, and a figure via :mod:`selret.evaluation.plots`).
 
 =============  ====================================================  ===================
 experiment     what varies                                           paper
@@ -31,10 +31,13 @@ from pathlib import Path
 
 import numpy as np
 
-from selret.cache import file_digest
-from selret.datasets import RetrievalBenchmark
-from selret.encoder import Encoder, EncoderConfig
-from selret.evaluate_run import (
+from selret.encoding.encoder import Encoder, EncoderConfig
+from selret.encoding.masks import MASKS, compute_mask
+from selret.encoding.postprocessing import l2_normalize, power_law
+from selret.encoding.presets import COMPARISON_4224
+from selret.evaluation.datasets import RetrievalBenchmark
+from selret.evaluation.metrics import rank_by_inner_product
+from selret.evaluation.runs import (
     BaselineEncoder,
     EvalData,
     EvalReport,
@@ -46,10 +49,7 @@ from selret.evaluate_run import (
     score,
     source_name,
 )
-from selret.evaluation import rank_by_inner_product
-from selret.masks import MASKS, compute_mask
-from selret.postprocessing import l2_normalize, power_law
-from selret.presets import COMPARISON_4224
+from selret.features.cache import file_digest
 
 # Paper Table 3: framework -> EncoderConfig fields (the 4224-D settings of Table 2).
 FRAMEWORKS: dict[str, dict] = {
@@ -238,7 +238,7 @@ class ExperimentResult:
 
     def save(self, out_dir: str | Path) -> list[Path]:
         """Write ``<name>.json``, ``<name>.md`` and the figure ``<name>.png`` into ``out_dir``."""
-        from selret.plots import plot_experiment
+        from selret.evaluation.plots import plot_experiment
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)

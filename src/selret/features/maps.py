@@ -11,9 +11,9 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from selret.cache import FeatureCache
-from selret.extract import ExtractionReport, cache_id, extract_to_cache
 from selret.features import FeatureMap
+from selret.features.cache import FeatureCache
+from selret.features.extract import ExtractionReport, cache_id, extract_to_cache
 
 DEFAULT_CACHE = Path("~/.cache/selret/features")
 
@@ -97,7 +97,7 @@ def feature_maps_for(
 ) -> FeatureMaps:
     """``FeatureMaps`` of ``paths`` with the backbone, layer and image size of an EncoderConfig."""
     if backbone is None:
-        from selret.backbones import load_backbone
+        from selret.features.backbones import load_backbone
 
         backbone = load_backbone(config.weights, config.layer, device=device)
     return FeatureMaps(

@@ -9,7 +9,7 @@ Three layers, each usable alone:
   of the indexed images and a manifest naming the encoder that made the vectors. Saves are atomic.
 * :class:`ShardedSearch` -- top-k search over several :class:`ImageIndex` shards, merged by score.
 
-Scores are inner products; with unit-norm vectors (what ``selret.encoder`` produces) they are
+Scores are inner products; with unit-norm vectors (what ``selret.encoding.encoder`` produces) they are
 cosine similarities, higher is better. Result rows are padded with id ``-1`` and score ``-inf``
 when fewer than ``k`` vectors are indexed. SPEC section 8.
 """

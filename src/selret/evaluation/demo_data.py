@@ -66,7 +66,7 @@ def load_photo(name: str) -> np.ndarray:
 
         rgb = load_sample_image(f"{name}.jpg")
     else:
-        from selret.io import load_image
+        from selret.features.io import load_image
 
         rgb = load_image(_skimage_file(name))
     return np.ascontiguousarray(rgb, dtype=np.uint8)
@@ -121,7 +121,7 @@ def build_demo_dataset(root: str | Path):
     ``learning/<name>.jpg``, ``learning.txt`` (the learning-set list) and ``ground_truth.json``
     (selret's benchmark format, readable by ``selret eval``).
     """
-    from selret.datasets import Query, RetrievalBenchmark, read_benchmark_json, write_gnd
+    from selret.evaluation.datasets import Query, RetrievalBenchmark, read_benchmark_json, write_gnd
 
     root = Path(root).resolve()
     gnd_path = root / "ground_truth.json"

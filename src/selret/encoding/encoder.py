@@ -24,15 +24,15 @@ import numpy as np
 import torch
 
 from selret import __version__
-from selret.aggregation import AGGREGATIONS, aggregate
-from selret.cache import atomic_write
-from selret.embeddings import KINDS as EMBEDDINGS
-from selret.embeddings import Embedder, embedding_dim
+from selret.encoding.aggregation import AGGREGATIONS, aggregate
+from selret.encoding.embeddings import KINDS as EMBEDDINGS
+from selret.encoding.embeddings import Embedder, embedding_dim
+from selret.encoding.masks import MASKS, compute_mask
+from selret.encoding.postprocessing import Rotation, l2_normalize, postprocess
+from selret.encoding.preprocessing import LocalPCA
+from selret.encoding.presets import DEFAULT_PRESET, preset
 from selret.features import FeatureMap
-from selret.masks import MASKS, compute_mask
-from selret.postprocessing import Rotation, l2_normalize, postprocess
-from selret.preprocessing import LocalPCA
-from selret.presets import DEFAULT_PRESET, preset
+from selret.features.cache import atomic_write
 
 ROTATIONS = ("rotation", "whitening", "none")
 
@@ -171,7 +171,7 @@ class Encoder:
         post-processing. Results agree with the numpy path to float32 rounding.
         """
         if device is not None:
-            from selret.backbones import resolve_device
+            from selret.features.backbones import resolve_device
 
             auto = str(device) == "auto"
             device = resolve_device(device)
@@ -307,7 +307,7 @@ class Encoder:
     def backbone(self, device: str | None = None):
         """The backbone this encoder's maps come from (loaded once, lazily)."""
         if self._backbone is None:
-            from selret.backbones import load_backbone
+            from selret.features.backbones import load_backbone
 
             self._backbone = load_backbone(
                 self.config.weights, self.config.layer, device=device or self.device
@@ -318,8 +318,8 @@ class Encoder:
         self, source, bbox=None, rotation: int = 0, name: str | None = None
     ) -> FeatureMap:
         """Conv map (with SIFT keypoints) of one image path or bytes, prepared as this config says."""
-        from selret.io import prepare_image
-        from selret.masks import detect_keypoints
+        from selret.features.io import prepare_image
+        from selret.features.keypoints import detect_keypoints
 
         prepared = prepare_image(
             source, max_side=self.config.max_side, bbox=bbox, rotation=rotation, name=name

@@ -1,4 +1,4 @@
-"""Batch extraction of conv feature maps into a :class:`~selret.cache.FeatureCache`, resumable.
+"""Batch extraction of conv feature maps into a :class:`~selret.features.cache.FeatureCache`, resumable.
 
 :func:`extract_to_cache` skips images already cached, decodes and prepares the others in a thread
 pool (Pillow, OpenCV and SIFT release the GIL), batches images of equal prepared size through the
@@ -27,11 +27,11 @@ from typing import IO, Literal
 import numpy as np
 from tqdm.auto import tqdm
 
-from selret.cache import FeatureCache
 from selret.errors import CacheError, ImageError
 from selret.features import FeatureMap
-from selret.io import IMAGE_EXTENSIONS, prepare_image
-from selret.masks import detect_keypoints
+from selret.features.cache import FeatureCache
+from selret.features.io import IMAGE_EXTENSIONS, prepare_image
+from selret.features.keypoints import detect_keypoints
 
 __all__ = [
     "DEFAULT_NUM_WORKERS",
@@ -333,8 +333,8 @@ def extract_to_cache(
 ) -> ExtractionReport:
     """Extract the conv maps (and SIFT keypoints) of ``paths`` into ``cache``, skipping cached ones.
 
-    ``backbone`` is a :class:`selret.backbones.Backbone`. ``bboxes`` and ``rotations``, if given,
-    align with ``paths`` (None entries: no crop / no rotation); see :func:`selret.io.prepare_image`.
+    ``backbone`` is a :class:`selret.features.backbones.Backbone`. ``bboxes`` and ``rotations``, if given,
+    align with ``paths`` (None entries: no crop / no rotation); see :func:`selret.features.io.prepare_image`.
     Images of equal prepared size are batched ``batch_size`` at a time. ``num_workers`` threads
     decode ahead of the network (0: decode in the calling thread). Failed images are listed in the
     report and, with ``log_path``, appended to that JSONL file as ``{"path", "error", "reason",

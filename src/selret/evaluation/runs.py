@@ -1,13 +1,13 @@
 """Evaluation runs: one method on one retrieval benchmark, end to end, with a report.
 
-    benchmark (selret.datasets) + learning set --prepare--> EvalData (conv maps in the feature cache)
+    benchmark (selret.evaluation.datasets) + learning set --prepare--> EvalData (conv maps in the feature cache)
     EvalData + method (Encoder | BaselineEncoder) --run--> EvalReport (mAP, per-query AP, times)
 
 :func:`prepare` extracts (or finds in the cache) the conv maps of the database, of the queries
 (cropped by their box) and of the learning set, after checking that the learning set shares no
 image with the evaluated ones. :func:`run` fits the method on the learning set when it needs it,
-encodes database and queries, ranks by inner product and scores with :mod:`selret.evaluation`.
-One ``EvalData`` serves any number of methods, which is how :mod:`selret.experiments` runs a grid.
+encodes database and queries, ranks by inner product and scores with :mod:`selret.evaluation.metrics`.
+One ``EvalData`` serves any number of methods, which is how :mod:`selret.evaluation.experiments` runs a grid.
 """
 
 from __future__ import annotations
@@ -22,11 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
-from selret.baselines import BASELINES, PCAWhitening, compute_baseline
-from selret.datasets import RetrievalBenchmark, ukbench_groups
-from selret.encoder import Encoder
+from selret.encoding.encoder import Encoder
+from selret.encoding.masks import compute_mask
 from selret.errors import SelretError
-from selret.evaluation import (
+from selret.evaluation.baselines import BASELINES, PCAWhitening, compute_baseline
+from selret.evaluation.datasets import RetrievalBenchmark, ukbench_groups
+from selret.evaluation.metrics import (
     compute_map,
     compute_map_revisited,
     mean_by_group,
@@ -35,8 +36,7 @@ from selret.evaluation import (
     ukbench_ns_score,
 )
 from selret.features import FeatureMap
-from selret.io import IMAGE_EXTENSIONS
-from selret.masks import compute_mask
+from selret.features.io import IMAGE_EXTENSIONS
 
 KAPPAS = (1, 5, 10)
 # Per-group tables (phone, landmark) are kept readable: more groups than this are left out.
@@ -62,7 +62,7 @@ class LearningSetOverlapError(SelretError, ValueError):
 
 def image_paths(sources: Sequence[str | Path]) -> list[Path]:
     """Image files named by ``sources``: folders (recursive), list files, or image files."""
-    from selret.extract import list_images
+    from selret.features.extract import list_images
 
     out: list[Path] = []
     for src in sources:
@@ -122,7 +122,7 @@ def check_disjoint(learn: Sequence[str | Path], evaluated: Sequence[str | Path])
 class BaselineEncoder:
     """A baseline global descriptor (SPoC, MAC, GeM, R-MAC, CroW) with the ``Encoder`` interface.
 
-    ``fit(maps)`` learns the optional PCA-whitening (:class:`selret.baselines.PCAWhitening`) on a
+    ``fit(maps)`` learns the optional PCA-whitening (:class:`selret.evaluation.baselines.PCAWhitening`) on a
     held-out set; without ``whiten`` there is nothing to learn. ``dim`` is the whitened dimension
     (None: the channels K, capped at N - 1 learning images, the components whitening can learn).
     ``params`` go to the baseline function (e.g. ``centering=False`` for plain sum pooling).
@@ -291,8 +291,8 @@ def _maps(
     rotations=None,
     progress=False,
 ):
-    from selret.encoder import EncoderConfig
-    from selret.pipeline import feature_maps_for
+    from selret.encoding.encoder import EncoderConfig
+    from selret.features.maps import feature_maps_for
 
     config = EncoderConfig(weights=weights, layer=layer, max_side=max_side)
     return feature_maps_for(
@@ -345,7 +345,7 @@ def prepare(
             raise ValueError(f"the learning set {[str(s) for s in learn]} holds no image")
         check_disjoint(learn_paths, db_paths + [benchmark.query_path(q) for q in queries])
     if backbone is None:
-        from selret.backbones import load_backbone
+        from selret.features.backbones import load_backbone
 
         backbone = load_backbone(weights, layer, device=device)
     elif backbone.weights != weights or backbone.layer != layer:
@@ -633,7 +633,7 @@ def run(
 ) -> EvalReport:
     """Fit ``method`` on ``data.learn`` if it needs fitting, encode, rank and score.
 
-    ``method`` is an :class:`~selret.encoder.Encoder` (fitted, e.g. loaded from a file, or not)
+    ``method`` is an :class:`~selret.encoding.encoder.Encoder` (fitted, e.g. loaded from a file, or not)
     or a :class:`BaselineEncoder`. Its extraction setting (weights, layer, image size) must be
     the one ``data`` was extracted with. ``fitted_on_learn`` says that a fitted ``method`` was
     fitted on ``data.learn`` (e.g. reloaded from an earlier run), so the report names that

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from selret.encoder import Encoder
-from selret.index import ImageIndex, SearchHit
-from selret.io import image_size
-from selret.pipeline import feature_maps_for
+from selret.encoding.encoder import Encoder
+from selret.features.io import image_size
+from selret.features.maps import feature_maps_for
+from selret.search.index import ImageIndex, SearchHit
 
 ENCODER_FILE = "encoder.npz"
 INDEX_DIR = "index"

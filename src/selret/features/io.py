@@ -284,7 +284,7 @@ def parse_bbox(text: str | None) -> list[float] | None:
     """``"x1,y1,x2,y2"`` (original-image pixels) -> four floats; None or blank -> None.
 
     Only the syntax is checked here; order, finiteness and overlap with the image are checked by
-    :mod:`selret.io` once the image size is known. Raises BoundingBoxError.
+    :mod:`selret.features.io` once the image size is known. Raises BoundingBoxError.
     """
     if text is None or not text.strip():
         return None

@@ -2,7 +2,7 @@
 
 A :class:`RetrievalBenchmark` is a list of database images (paths relative to ``root``) and a list
 of :class:`Query` records whose positives and junk are 0-based database indices, ready for
-:func:`selret.evaluation.compute_map` via :meth:`RetrievalBenchmark.gnd`.
+:func:`selret.evaluation.metrics.compute_map` via :meth:`RetrievalBenchmark.gnd`.
 
 Readers (each takes the real on-disk format):
 
@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from selret.errors import DatasetError
-from selret.evaluation import REVISITED_PROTOCOLS, normalize_protocol, revisited_gnd
+from selret.evaluation.metrics import REVISITED_PROTOCOLS, normalize_protocol, revisited_gnd
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 BENCHMARK_NAMES = (
@@ -155,9 +155,9 @@ class RetrievalBenchmark:
         """Ground truth as a list of dicts, one per query, plus ``bbx`` when the query has a box.
 
         Default: ``ok`` / ``junk`` under this benchmark's protocol, for
-        :func:`selret.evaluation.compute_map`. ``revisited=True``: the revisitop form ``easy`` /
+        :func:`selret.evaluation.metrics.compute_map`. ``revisited=True``: the revisitop form ``easy`` /
         ``hard`` / ``junk`` (junk before any protocol added easy or hard to it), for
-        :func:`selret.evaluation.compute_map_revisited`; every query must be revisited.
+        :func:`selret.evaluation.metrics.compute_map_revisited`; every query must be revisited.
         """
         out = []
         for q in self.queries:
@@ -769,7 +769,7 @@ def read_ukbench(image_dir: str | Path, protocol: str = "ns") -> RetrievalBenchm
 
 
 def ukbench_groups(benchmark: RetrievalBenchmark) -> np.ndarray:
-    """(n_db,) object ids of a UKBench benchmark, for :func:`selret.evaluation.ukbench_ns_score`."""
+    """(n_db,) object ids of a UKBench benchmark, for :func:`selret.evaluation.metrics.ukbench_ns_score`."""
     ids = [_UKBENCH_RE.match(Path(p).stem) for p in benchmark.db_images]
     if not all(ids):
         raise ValueError(f"{benchmark.name}: not every database image is named ukbenchNNNNN")

@@ -1,4 +1,4 @@
-"""The HTTP search service: a FastAPI app over one :class:`~selret.engine.SearchEngine`, and its web page.
+"""The HTTP search service: a FastAPI app over one :class:`~selret.search.engine.SearchEngine`, and its web page.
 
     POST /search          query by an uploaded image (or an indexed image's id), optional box
     GET  /images/{id}     JPEG thumbnail of an indexed image, by catalog id only
@@ -13,7 +13,7 @@ and the encoder is never used by two threads at once; the index is thread-safe b
 
 Client input is never a file-system path: uploads are bytes (their file name is only a label in
 messages), and indexed images are looked up by integer catalog id. Bad input gets a 4xx with the
-reason: the typed :class:`~selret.errors.ImageError` of :mod:`selret.io` maps to a status code.
+reason: the typed :class:`~selret.errors.ImageError` of :mod:`selret.features.io` maps to a status code.
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 
-from selret.engine import SearchEngine
 from selret.errors import (
     BoundingBoxError,
     CorruptImageError,
@@ -48,8 +47,9 @@ from selret.errors import (
     ImageTooLargeError,
     ImageTooSmallError,
 )
-from selret.index import SearchHit
-from selret.io import parse_bbox
+from selret.features.io import parse_bbox
+from selret.search.engine import SearchEngine
+from selret.search.index import SearchHit
 
 __all__ = [
     "DEFAULT_MAX_UPLOAD_BYTES",
@@ -183,7 +183,7 @@ class SearchService:
         """JPEG of an indexed image, longest side at most ``size`` (cached by ``thumbnail``)."""
         from PIL import Image
 
-        from selret.io import load_image, resize_longest
+        from selret.features.io import load_image, resize_longest
 
         record = self.record(image_id)
         rgb = load_image(record.path, name=Path(record.path).name)
@@ -264,7 +264,7 @@ class _BodyLimit:
 
 
 def _web_file(name: str) -> bytes:
-    return (resources.files("selret") / "web" / name).read_bytes()
+    return (resources.files("selret.service") / "web" / name).read_bytes()
 
 
 def _hit_json(rank: int, hit: SearchHit, record) -> SearchResult:

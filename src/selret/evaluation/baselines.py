@@ -13,8 +13,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from selret.encoding.postprocessing import Rotation, l2_normalize
 from selret.features import FeatureMap
-from selret.postprocessing import Rotation, l2_normalize
 
 # Epsilon of cirtorch's per-region l2 (v / (||v|| + eps)) and GeM clamp.
 EPS = 1e-6
@@ -182,7 +182,7 @@ class PCAWhitening:
     """PCA-whitening of global vectors, optional dimension reduction, then l2.
 
     ``fit(X)`` learns the mean and the PCA of held-out vectors X (N, D) with
-    :class:`selret.postprocessing.Rotation` (``whiten=True``): each component is divided by the
+    :class:`selret.encoding.postprocessing.Rotation` (``whiten=True``): each component is divided by the
     square root of its eigenvalue (+ ``eps``). ``transform`` keeps the first ``dim`` components
     (all D when None) and l2-normalises. With N <= D only N - 1 components carry learned variance;
     keep ``dim`` below N for a meaningful whitening.

@@ -1,6 +1,6 @@
 """The paper's configurations (SPEC section 7): final dimension D -> (d, k) and the 4224-D comparison.
 
-Each preset is a dict of ``EncoderConfig`` fields; ``selret.encoder.EncoderConfig.from_preset(name)``
+Each preset is a dict of ``EncoderConfig`` fields; ``selret.encoding.encoder.EncoderConfig.from_preset(name)``
 turns it into a config, and any field can be overridden.
 """
 

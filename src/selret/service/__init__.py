@@ -1,0 +1,1 @@
+"""The HTTP search service and its web page, over one :class:`selret.search.engine.SearchEngine`."""
