@@ -39,7 +39,7 @@ from selret.encoding.aggregation import aggregate, democratic_pool_torch
 from selret.encoding.encoder import Encoder, EncoderConfig
 from selret.encoding.masks import MASKS, compute_mask
 from selret.encoding.postprocessing import postprocess
-from selret.encoding.preprocessing import l2_normalize_rows
+from selret.encoding.preprocessing import l2_normalize
 from selret.evaluation.baselines import PCAWhitening, rmac
 from selret.features import FeatureMap
 from selret.features.cache import FeatureCache
@@ -162,7 +162,7 @@ def staged_encode(enc: Encoder, fmap: FeatureMap, clock: dict[str, float]) -> np
     if emb.whiten:
         phi = emb.whitener_.transform(phi)
         if emb.normalize_after_whitening:
-            phi = l2_normalize_rows(phi)
+            phi = l2_normalize(phi)
     t4 = time.process_time()
     if c.aggregation == "democratic":
         psi = aggregate("democratic", phi, gamma=c.democratic_gamma, n_iter=c.democratic_iters)

@@ -30,7 +30,8 @@ import torch
 
 from selret.features.backbones import load_backbone
 from selret.features.cache import FeatureCache
-from selret.features.extract import DEFAULT_NUM_WORKERS, cache_id, extract_to_cache, list_images
+from selret.features.extract import DEFAULT_NUM_WORKERS, cache_id, extract_to_cache
+from selret.files import list_images
 
 DEFAULT_IMAGES = Path("/work/shared/data/paris6k-250/jpg")
 

@@ -15,9 +15,9 @@ from selret.features.backbones import (
     VGG16Trunk,
     load_backbone,
     read_caffe_onnx_weights,
-    sha256_of,
     to_torchvision_state_dict,
 )
+from selret.files import sha256_of
 
 # Expected grid (h, w) for a 96 x 160 input: block-5 layers see 5 poolings, block-4 layers 4.
 EXPECTED_GRID = {

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import selret.features.cache
+import selret.files
 from selret.errors import ImageNotFoundError
 from selret.features import FeatureMap
 from selret.features.cache import FeatureCache
@@ -163,7 +164,7 @@ def test_crash_before_replace_keeps_old_entry(cache, image, monkeypatch, interru
     def crash(src, dst):
         raise interrupt
 
-    monkeypatch.setattr(selret.features.cache.os, "replace", crash)
+    monkeypatch.setattr(selret.files.os, "replace", crash)
     with pytest.raises(type(interrupt)):
         cache.put(key, make_map(1))
     monkeypatch.undo()

@@ -16,9 +16,10 @@ from selret.cli import app
 from selret.errors import EmptyImageError
 from selret.features.backbones import load_backbone
 from selret.features.cache import FeatureCache
-from selret.features.extract import cache_id, extract_to_cache, iter_feature_maps, list_images
+from selret.features.extract import cache_id, extract_to_cache, iter_feature_maps
 from selret.features.io import prepare_image
 from selret.features.keypoints import detect_keypoints
+from selret.files import list_images
 
 MAX_SIDE = 64  # 64 x 48 inputs -> 2 x 1 pool5 grids: VGG16 is still ~1 GFLOP per image here
 FLAT = (1, 2, 3)  # colour of the image the "picky" backbone refuses

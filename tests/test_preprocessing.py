@@ -6,7 +6,7 @@ from selret.encoding.preprocessing import (
     LocalPCA,
     eigh_descending,
     iter_row_chunks,
-    l2_normalize_rows,
+    l2_normalize,
     mean_and_covariance,
 )
 
@@ -60,11 +60,11 @@ def test_eigh_descending_order_sign_convention_and_reconstruction():
     np.testing.assert_allclose(vectors @ np.diag(values) @ vectors.T, cov, atol=1e-10)
 
 
-def test_l2_normalize_rows_numpy_torch_and_zero_rows():
+def test_l2_normalize_numpy_torch_and_zero_rows():
     X = np.array([[3.0, 4.0], [0.0, 0.0]], dtype=np.float32)
-    out = l2_normalize_rows(X)
+    out = l2_normalize(X)
     np.testing.assert_allclose(out, [[0.6, 0.8], [0.0, 0.0]])
-    out_t = l2_normalize_rows(torch.from_numpy(X))
+    out_t = l2_normalize(torch.from_numpy(X))
     assert isinstance(out_t, torch.Tensor)
     np.testing.assert_allclose(out_t.numpy(), out)
 

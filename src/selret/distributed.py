@@ -39,8 +39,7 @@ import numpy as np
 from selret.encoding.encoder import Encoder
 from selret.errors import ConfigMismatchError, ImageError
 from selret.features import FeatureMap
-from selret.features.cache import atomic_write
-from selret.features.extract import list_images
+from selret.files import atomic_write, list_images
 from selret.search.engine import ENCODER_FILE, INDEX_DIR, SearchEngine, normalise_path
 from selret.search.index import ImageIndex
 

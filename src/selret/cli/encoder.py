@@ -55,8 +55,8 @@ def fit(
 ) -> None:
     """Learn an encoder (PCA, codebook, whitening, rotation) on a held-out learning set."""
     from selret.encoding.encoder import Encoder
-    from selret.features.extract import list_images
     from selret.features.maps import feature_maps_for
+    from selret.files import list_images
 
     config = config_from_options(preset, dict(
         mask=mask, embedding=embedding, aggregation=aggregation, d=d, k=k, alpha=alpha,
@@ -96,8 +96,8 @@ def encode(
     import numpy as np
 
     from selret.encoding.encoder import Encoder
-    from selret.features.extract import list_images
     from selret.features.maps import feature_maps_for
+    from selret.files import list_images
 
     encoder = Encoder.load(encoder_path).to(device or "auto")  # the GPU when there is one
     paths = list_images(input)

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from enum import StrEnum
 from pathlib import Path
 
 import typer
 
 from selret.cli._app import app
-
-DEFAULT_CACHE = Path("~/.cache/selret/features")
+from selret.files import default_cache_dir
 
 
 class Device(StrEnum):
@@ -28,11 +26,6 @@ class DType(StrEnum):
 class Storage(StrEnum):
     float32 = "float32"
     float16 = "float16"
-
-
-def default_cache_dir() -> Path:
-    """``$SELRET_CACHE`` if set, else ``~/.cache/selret/features``."""
-    return Path(os.environ.get("SELRET_CACHE") or DEFAULT_CACHE).expanduser()
 
 
 @app.command()
@@ -77,7 +70,8 @@ def extract(
     from selret.errors import SelretError
     from selret.features.backbones import load_backbone
     from selret.features.cache import FeatureCache
-    from selret.features.extract import DEFAULT_NUM_WORKERS, cache_id, extract_to_cache, list_images
+    from selret.features.extract import DEFAULT_NUM_WORKERS, cache_id, extract_to_cache
+    from selret.files import list_images
 
     try:
         paths = list_images(input)

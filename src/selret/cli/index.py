@@ -19,7 +19,7 @@ ENGINE_HELP = "Index directory (holds encoder.npz and index/)."
 
 
 def _images(source: Path) -> list[Path]:
-    from selret.features.extract import list_images
+    from selret.files import list_images
 
     paths = list_images(source)
     if not paths:

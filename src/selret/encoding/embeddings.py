@@ -29,7 +29,7 @@ from selret.encoding.preprocessing import (
     check_matrix,
     eigh_descending,
     iter_row_chunks,
-    l2_normalize_rows,
+    l2_normalize,
     mean_and_covariance,
 )
 
@@ -165,7 +165,7 @@ def temb(X: Array, C: Array) -> Array:
     SPEC 4 are ``EmbeddingWhitener``'s job.
     """
     _check_codebook(X, C, "C")
-    R = l2_normalize_rows(X[:, None, :] - C[None, :, :], _EPS)
+    R = l2_normalize(X[:, None, :] - C[None, :, :], eps=_EPS)
     return R.reshape(X.shape[0], -1)
 
 
@@ -532,7 +532,7 @@ class Embedder:
         if not self.whiten:
             return Phi
         Phi = self.whitener_.transform(Phi)
-        return l2_normalize_rows(Phi) if self.normalize_after_whitening else Phi
+        return l2_normalize(Phi) if self.normalize_after_whitening else Phi
 
     def fit_transform(self, X: np.ndarray) -> np.ndarray:
         return self.fit(X).transform(X)

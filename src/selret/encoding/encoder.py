@@ -32,7 +32,7 @@ from selret.encoding.postprocessing import Rotation, l2_normalize, postprocess
 from selret.encoding.preprocessing import LocalPCA
 from selret.encoding.presets import DEFAULT_PRESET, preset
 from selret.features import FeatureMap
-from selret.features.cache import atomic_write
+from selret.files import atomic_write
 
 ROTATIONS = ("rotation", "whitening", "none")
 

@@ -10,15 +10,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.linalg
 
-
-def l2_normalize(x: np.ndarray, axis: int = -1, eps: float = 1e-12) -> np.ndarray:
-    """``x`` divided by its l2 norm along ``axis``; norms below ``eps`` are replaced by ``eps``, so a
-    zero vector stays zero instead of becoming NaN."""
-    x = np.asarray(x)
-    if not np.issubdtype(x.dtype, np.floating):
-        x = x.astype(np.float32)
-    norm = np.linalg.norm(x, axis=axis, keepdims=True)
-    return x / np.maximum(norm, eps)
+from selret.numerics import l2_normalize
 
 
 def power_law(x: np.ndarray, alpha: float = 0.5) -> np.ndarray:

@@ -13,24 +13,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from selret.numerics import l2_normalize
+
 Array = np.ndarray | torch.Tensor
 State = dict[str, np.ndarray | int | float | str]
 
 # Row blocks are sized by element count so that a float64 copy of one block stays ~32 MiB.
 DEFAULT_BLOCK_ELEMENTS = 1 << 22
-
-
-def l2_normalize_rows(X: Array, eps: float = 1e-12) -> Array:
-    """Rows of ``X`` divided by their l2 norm (numpy or torch, same type back).
-
-    Rows with norm below ``eps`` are divided by ``eps`` instead, so a zero row stays zero
-    rather than becoming NaN.
-    """
-    if isinstance(X, torch.Tensor):
-        return X / X.norm(dim=-1, keepdim=True).clamp_min(eps)
-    X = np.asarray(X)
-    norms = np.linalg.norm(X, axis=-1, keepdims=True)
-    return X / np.maximum(norms, eps).astype(X.dtype, copy=False)
 
 
 def check_fitted(estimator: Any, *attributes: str) -> None:
@@ -152,9 +141,9 @@ class LocalPCA:
             X = X.float() if not X.is_floating_point() else X
             mean = torch.as_tensor(self.mean_, dtype=X.dtype, device=X.device)
             components = torch.as_tensor(self.components_, dtype=X.dtype, device=X.device)
-            return l2_normalize_rows((X - mean) @ components)
+            return l2_normalize((X - mean) @ components)
         X = np.asarray(X, dtype=np.float32)
-        return l2_normalize_rows((X - self.mean_) @ self.components_)
+        return l2_normalize((X - self.mean_) @ self.components_)
 
     def fit_transform(self, X: Any) -> np.ndarray:
         return self.fit(X).transform(np.asarray(X))

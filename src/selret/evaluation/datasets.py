@@ -34,10 +34,11 @@ from pathlib import Path
 
 import numpy as np
 
+from selret import files
 from selret.errors import DatasetError
 from selret.evaluation.metrics import REVISITED_PROTOCOLS, normalize_protocol, revisited_gnd
+from selret.files import is_image_name
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 BENCHMARK_NAMES = (
     "oxford5k",
     "paris6k",
@@ -180,17 +181,13 @@ class RetrievalBenchmark:
 # ----------------------------------------------------------------------------- helpers
 
 
-def _has_image_ext(name: str) -> bool:
-    return Path(name).suffix.lower() in IMAGE_EXTENSIONS
-
-
 def _strip_image_ext(name: str) -> str:
     name = str(name).replace("\\", "/")
-    return str(Path(name).with_suffix("")).replace("\\", "/") if _has_image_ext(name) else name
+    return str(Path(name).with_suffix("")).replace("\\", "/") if is_image_name(name) else name
 
 
 def _with_ext(name: str) -> str:
-    return name if _has_image_ext(name) else name + ".jpg"
+    return name if is_image_name(name) else name + ".jpg"
 
 
 def _base_junk(q: Query) -> list[int]:
@@ -208,14 +205,7 @@ def list_images(folder: str | Path) -> list[str]:
     folder = Path(folder)
     if not folder.is_dir():
         raise DatasetError(folder, "not a folder")
-    out = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        rel_dir = Path(dirpath).relative_to(folder)
-        for f in filenames:
-            if not f.startswith(".") and _has_image_ext(f):
-                out.append((rel_dir / f).as_posix())
-    return sorted(out)
+    return sorted(p.relative_to(folder).as_posix() for p in files.list_images(folder))
 
 
 class _Resolver:
@@ -241,7 +231,7 @@ class _Resolver:
         if self.root is None:
             return _with_ext(name)
         for candidate in (name, name + ".jpg"):
-            if _has_image_ext(candidate) and (self.root / candidate).is_file():
+            if is_image_name(candidate) and (self.root / candidate).is_file():
                 return candidate
         return self._stem_index().get(Path(_strip_image_ext(name)).name)
 
@@ -1052,7 +1042,7 @@ def _image_folder(root: Path) -> Path | None:
     (ground truth without images: names are kept as they are)."""
     folder = root / "jpg" if (root / "jpg").is_dir() else root
     for _, _, filenames in os.walk(folder):
-        if any(_has_image_ext(f) for f in filenames):
+        if any(is_image_name(f) for f in filenames):
             return folder
     return None
 
@@ -1163,7 +1153,6 @@ def load_benchmark(
 __all__ = [
     "BENCHMARK_NAMES",
     "DatasetError",
-    "IMAGE_EXTENSIONS",
     "Query",
     "REVISITED_PROTOCOLS",
     "RetrievalBenchmark",

@@ -49,7 +49,7 @@ from selret.evaluation.runs import (
     score,
     source_name,
 )
-from selret.features.cache import file_digest
+from selret.files import file_digest
 
 # Paper Table 3: framework -> EncoderConfig fields (the 4224-D settings of Table 2).
 FRAMEWORKS: dict[str, dict] = {

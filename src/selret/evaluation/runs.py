@@ -36,7 +36,7 @@ from selret.evaluation.metrics import (
     ukbench_ns_score,
 )
 from selret.features import FeatureMap
-from selret.features.io import IMAGE_EXTENSIONS
+from selret.files import IMAGE_EXTENSIONS
 
 KAPPAS = (1, 5, 10)
 # Per-group tables (phone, landmark) are kept readable: more groups than this are left out.
@@ -62,7 +62,7 @@ class LearningSetOverlapError(SelretError, ValueError):
 
 def image_paths(sources: Sequence[str | Path]) -> list[Path]:
     """Image files named by ``sources``: folders (recursive), list files, or image files."""
-    from selret.features.extract import list_images
+    from selret.files import list_images
 
     out: list[Path] = []
     for src in sources:

@@ -22,7 +22,6 @@ the paper's "conv5_3" row is the same map. ``relu=`` overrides the choice.
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import re
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ import torch
 from torch import nn
 
 from selret.errors import WeightsError
+from selret.files import sha256_of
 
 # Conv widths of VGG16 per block; each block ends with a 2x2 max-pool.
 _BLOCKS: tuple[tuple[int, ...], ...] = (
@@ -164,14 +164,6 @@ def caffe_onnx_path() -> Path:
             "or pass --weights PATH_OR_URL of a torchvision VGG16 state dict "
             f"(e.g. {TORCHVISION_VGG16_URL})."
         ) from None
-
-
-def sha256_of(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 _ONNX_NAME = re.compile(r"block(\d)_conv(\d)_1/(convolution/ReadVariableOp|Squeeze):0$")

@@ -22,24 +22,21 @@ returns None, so the image is extracted again and the entry overwritten.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
-import os
 import re
-import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 
-from selret.errors import CacheError, ImageNotFoundError
+from selret.errors import CacheError
 from selret.features import FeatureMap
+from selret.files import atomic_write, file_digest
 
-__all__ = ["CACHE_FORMAT", "FeatureCache", "file_digest"]
+__all__ = ["CACHE_FORMAT", "FeatureCache"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,69 +51,6 @@ _STORAGE_DTYPES = {"float32": np.float32, "float16": np.float16}
 def _digest(obj: object, n: int) -> str:
     text = json.dumps(obj, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:n]
-
-
-def file_digest(path: str | Path) -> str:
-    """sha256 (hex) of the bytes of file ``path``; ImageNotFoundError when it cannot be read.
-
-    A file whose stat (size, mtime, inode) is unchanged is not read again within one process.
-    """
-    p = Path(path).expanduser()
-    try:
-        resolved = p.resolve()
-        st = resolved.stat()
-        return _content_digest(str(resolved), st.st_size, st.st_mtime_ns, st.st_ino)
-    except OSError as exc:
-        raise ImageNotFoundError(p, f"cannot read file: {exc.strerror or exc}") from None
-
-
-# Bounded: a long-lived process (a server indexing millions of files) must not keep every digest.
-@functools.lru_cache(maxsize=1 << 16)
-def _content_digest(resolved: str, size: int, mtime_ns: int, inode: int) -> str:
-    digest = hashlib.sha256()
-    with open(resolved, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    """Persist a rename in ``path`` (POSIX; a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Create or replace ``path`` with what ``write(fh)`` writes, all or nothing.
-
-    The data goes to a temporary file in the same directory (same file system, so the rename is
-    atomic), is fsynced, then renamed over ``path``; the directory is fsynced to persist the rename.
-    """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        # mkstemp creates 0600 files; cache entries are meant to be shared like ordinary files.
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        # Nothing partial may remain, whatever interrupted the write (including Ctrl-C).
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
 
 
 class FeatureCache:

@@ -30,8 +30,9 @@ from tqdm.auto import tqdm
 from selret.errors import CacheError, ImageError
 from selret.features import FeatureMap
 from selret.features.cache import FeatureCache
-from selret.features.io import IMAGE_EXTENSIONS, prepare_image
+from selret.features.io import prepare_image
 from selret.features.keypoints import detect_keypoints
+from selret.files import list_images
 
 __all__ = [
     "DEFAULT_NUM_WORKERS",
@@ -84,26 +85,6 @@ def cache_id(backbone) -> str:
     ``@<dtype>`` when the network runs below float32 (half-precision maps differ from fp32 ones)."""
     dtype = str(getattr(backbone, "dtype", "float32")).removeprefix("torch.")
     return backbone.id if dtype == "float32" else f"{backbone.id}@{dtype}"
-
-
-def list_images(source: str | Path) -> list[Path]:
-    """Image files named by ``source``: a folder (scanned recursively for :data:`IMAGE_EXTENSIONS`,
-    sorted) or a text file with one path per line (blank lines and ``#`` comments skipped;
-    relative paths are taken relative to the list file's folder, order kept)."""
-    src = Path(source).expanduser()
-    if src.is_dir():
-        return sorted(
-            p for p in src.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-        )
-    if src.is_file():
-        out = []
-        for line in src.read_text().splitlines():
-            line = line.strip()
-            if line and not line.startswith("#"):
-                p = Path(line).expanduser()
-                out.append(p if p.is_absolute() else src.parent / p)
-        return out
-    raise FileNotFoundError(f"{src}: no such folder or list file")
 
 
 # --------------------------------------------------------------------------- internals

@@ -36,7 +36,6 @@ __all__ = [
     "image_size",
     "parse_bbox",
     "DEFAULT_MAX_PIXELS",
-    "IMAGE_EXTENSIONS",
     "MIN_IMAGE_SIDE",
     "MIN_NETWORK_SIDE",
     "PreparedImage",
@@ -46,9 +45,6 @@ __all__ = [
     "resize_to",
     "rotate",
 ]
-
-#: File name suffixes treated as images when scanning folders (lower case).
-IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp")
 
 #: Default cap on width * height, checked from the header before decoding (decompression-bomb guard).
 #: 64 MP is 8000 x 8000 and stays below Pillow's own warning threshold (about 89 MP).

@@ -7,20 +7,13 @@ maps back lazily, so an encoder can make two passes over a learning set that doe
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from selret.features import FeatureMap
 from selret.features.cache import FeatureCache
 from selret.features.extract import ExtractionReport, cache_id, extract_to_cache
-
-DEFAULT_CACHE = Path("~/.cache/selret/features")
-
-
-def default_cache_dir() -> Path:
-    """``$SELRET_CACHE`` if set, else ``~/.cache/selret/features``."""
-    return Path(os.environ.get("SELRET_CACHE") or DEFAULT_CACHE).expanduser()
+from selret.files import default_cache_dir
 
 
 def open_cache(cache_dir: str | Path | None = None) -> FeatureCache:

@@ -32,6 +32,7 @@ import faiss
 import numpy as np
 
 from selret.errors import ConfigMismatchError, CorruptIndexError, IndexConflictError
+from selret.numerics import l2_normalize
 
 try:  # advisory lock between writer processes; absent on Windows, where saves are unlocked
     import fcntl
@@ -131,11 +132,6 @@ def _check_k(k: int) -> int:
     if int(k) != k or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
     return int(k)
-
-
-def _l2_rows(x: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norms, np.finfo(np.float32).tiny)
 
 
 class VectorIndex:
@@ -499,7 +495,7 @@ def average_query_expansion(
         neighbours = np.zeros((*top.shape, index.dim), np.float32)
         neighbours[valid] = index.reconstruct(uniq)[inverse]
         expanded += neighbours.sum(axis=1)
-    return index.search(_l2_rows(expanded), _check_k(n_results or k))
+    return index.search(l2_normalize(expanded), _check_k(n_results or k))
 
 
 # ===================================================================== persistent image index
