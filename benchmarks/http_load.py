@@ -44,7 +44,7 @@ def build_random_engine(workdir: Path, max_side: int) -> tuple[Path, Path]:
     """A random-weights engine over the demo database; returns (engine dir, a query image)."""
     from selret.encoding.encoder import Encoder, EncoderConfig
     from selret.evaluation.demo_data import build_demo_dataset, learning_images
-    from selret.features.maps import feature_maps_for
+    from selret.features.extractor import feature_maps_for
     from selret.search.engine import SearchEngine
 
     engine_dir = workdir / f"engine-random-{max_side}"

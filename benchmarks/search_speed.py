@@ -1,4 +1,4 @@
-"""Search speed of selret.search.index.VectorIndex: exact vs HNSW vs IVF-PQ on synthetic unit vectors.
+"""Search speed of selret.search.vectors.VectorIndex: exact vs HNSW vs IVF-PQ on synthetic unit vectors.
 
 For each database size and dimension, builds each index kind with its default parameters and
 prints one table row per kind: build time, index size (saved file), query latency
@@ -25,7 +25,7 @@ import time
 import faiss
 import numpy as np
 
-from selret.search.index import VectorIndex, recall_at_k
+from selret.search.vectors import VectorIndex, recall_at_k
 
 DEFAULT_CONFIGS = "10000x512,100000x512,1000000x512,100000x4096"
 

@@ -63,7 +63,7 @@ def write_images(folder: Path) -> list[Path]:
 def build_engine(root: Path) -> Path:
     """A random-weights engine under ``root/engine`` indexing the images of ``root/images``."""
     from selret.encoding.encoder import Encoder, EncoderConfig
-    from selret.features.maps import feature_maps_for
+    from selret.features.extractor import feature_maps_for
     from selret.search.engine import SearchEngine
 
     paths = write_images(root / "images")

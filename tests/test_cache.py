@@ -60,7 +60,10 @@ def test_round_trip_no_keypoints(cache, image):
     key = cache.key(image, BACKBONE, 1024)
     cache.put(key, FeatureMap(np.ones((2, 1, 1), np.float32), (32, 32)))
     got = cache.get(key)
-    assert got.keypoints.shape == (0, 2) and got.features.shape == (2, 1, 1)
+    # Never computed stays never computed (None), distinct from "computed, none found".
+    assert got.keypoints is None and got.features.shape == (2, 1, 1)
+    cache.put(key, FeatureMap(np.ones((2, 1, 1), np.float32), (32, 32), np.zeros((0, 2))))
+    assert cache.get(key).keypoints.shape == (0, 2)
 
 
 def test_float16_storage(tmp_path, image):

@@ -174,8 +174,11 @@ def test_smvs_and_ukbench():
     groups = ukbench_groups(uk)
     assert len(set(groups.tolist())) == 14
     assert uk.queries[5].positives == [4, 5, 6, 7]  # ukbench00005 is in group 1, itself included
+    assert uk.metrics == ("ns-score",) and uk.gnd()[5] == {"ok": [4, 5, 6, 7], "junk": []}
+    # Leave-one-out is a scoring protocol: the raw group is kept, the query itself becomes junk.
     loo = read_ukbench(DATA / "ukbench-56" / "jpg", protocol="loo")
-    assert (loo.queries[5].positives, loo.queries[5].junk) == ([4, 6, 7], [5])
+    assert loo.queries == uk.queries and loo.protocol == "loo"
+    assert loo.gnd()[5] == {"ok": [4, 6, 7], "junk": [5]} == uk.gnd("loo")[5]
 
 
 # ----------------------------------------------------------------------------- MATLAB format
@@ -228,8 +231,11 @@ def write_revisited_pkl(path: Path) -> Path:
 def test_revisited_pkl_protocols(tmp_path, protocol, positives, junk):
     b = read_gnd_pkl(write_revisited_pkl(tmp_path / "gnd_rtoy.pkl"), protocol=protocol)
     q = b.queries[0]
-    assert (q.positives, q.junk) == (positives, junk)
-    assert (q.easy, q.hard, q.image, q.image_index) == ([0], [2], "q0.jpg", None)
+    # The reader keeps the raw lists whatever the protocol; the protocol applies when scoring.
+    assert (q.positives, q.junk, q.easy, q.hard) == ([], [4], [0], [2])
+    assert (q.image, q.image_index) == ("q0.jpg", None)
+    assert (b.gnd()[0]["ok"], b.gnd()[0]["junk"]) == (positives, junk)
+    assert b.protocol == {"easy": "easy", "M": "medium", "hard": "hard"}[protocol]
     assert q.bbox == (1.0, 2.0, 30.0, 40.0)
     assert b.gnd(revisited=True) == [
         {"easy": [0], "hard": [2], "junk": [4], "bbx": [1.0, 2.0, 30.0, 40.0]}
@@ -240,12 +246,31 @@ def test_revisited_pkl_roundtrip_and_evaluation(tmp_path):
     b = read_gnd_pkl(write_revisited_pkl(tmp_path / "gnd_rtoy.pkl"), protocol="easy")
     assert b.protocol == "easy"
     again = read_gnd_pkl(write_gnd(b, tmp_path / "out" / "gnd_copy.pkl"), protocol="hard")
-    assert (again.queries[0].positives, again.queries[0].junk) == ([2], [4, 0])
+    assert (again.queries[0].junk, again.gnd()[0]) == (
+        [4],
+        {"ok": [2], "junk": [4, 0], "bbx": [1.0, 2.0, 30.0, 40.0]},
+    )
+    assert (
+        pickle.loads((tmp_path / "out" / "gnd_copy.pkl").read_bytes())["gnd"]
+        == pickle.loads((tmp_path / "gnd_rtoy.pkl").read_bytes())["gnd"]
+    )  # raw lists out as they came in: no protocol to undo
     ranks = np.array([[2], [0], [1], [3], [4]])
     res = compute_map_revisited(ranks, b.gnd(revisited=True))
     assert res["hard"].map == 1.0  # hard positive 2 is first
     # Easy: 2 is junk, so 0 moves to rank 0 -> AP 1; medium: 0 and 2 at ranks 1,0 -> AP 1.
     assert res["easy"].map == 1.0 and res["medium"].map == 1.0
+
+
+def test_revisited_json_roundtrip_keeps_raw_lists(tmp_path):
+    b = read_gnd_pkl(write_revisited_pkl(tmp_path / "gnd_rtoy.pkl"), protocol="hard")
+    out = write_gnd(b, tmp_path / "r.json")
+    again = load_benchmark(out)
+    assert again == b and again.gnd() == b.gnd() and again.protocol == "hard"
+    # Version 1 files stored junk with the protocol's additions folded in: read back raw.
+    data = json.loads(out.read_text())
+    data["version"], data["queries"][0]["junk"] = 1, [4, 0]
+    (tmp_path / "v1.json").write_text(json.dumps(data))
+    assert load_benchmark(tmp_path / "v1.json").queries == b.queries
 
 
 def test_classic_pkl_and_errors(tmp_path):

@@ -1,7 +1,9 @@
-"""Tests of selret.distributed on a small local Ray instance: encode to shards, resume, ingest, search."""
+"""Tests of selret.distributed: its decode and encode stages as plain Python, then (marked ``ray``)
+the whole pipeline on a small local Ray instance: encode to shards, resume, ingest, search."""
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 from pathlib import Path
@@ -9,14 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from typer.testing import CliRunner
 
-ray = pytest.importorskip("ray")
-
-from typer.testing import CliRunner  # noqa: E402
-
-import selret.cli.distributed  # noqa: E402, F401  (registers `selret distributed`)
-from selret.cli._app import app  # noqa: E402
-from selret.distributed import (  # noqa: E402
+import selret.cli.distributed  # noqa: F401  (registers `selret distributed`)
+import selret.features.io
+from selret.cli._app import app
+from selret.distributed import (
+    EncodeActor,
+    decode_batch,
     encode_collection,
     ingest_shards,
     iter_shards,
@@ -24,13 +26,13 @@ from selret.distributed import (  # noqa: E402
     read_failures,
     shard_indexes,
 )
-from selret.encoding.encoder import Encoder, EncoderConfig  # noqa: E402
-from selret.errors import ConfigMismatchError  # noqa: E402
-from selret.features.maps import feature_maps_for  # noqa: E402
-from selret.search.engine import SearchEngine, normalise_path  # noqa: E402
-from selret.search.index import ImageIndex, ShardedSearch  # noqa: E402
-
-pytestmark = pytest.mark.ray
+from selret.encoding.encoder import Encoder, EncoderConfig
+from selret.errors import ConfigMismatchError
+from selret.features.backbones import Backbone
+from selret.features.extractor import Extractor, feature_maps_for
+from selret.search.engine import SearchEngine, normalise_path
+from selret.search.sharded import ShardedSearch
+from selret.search.store import ImageIndex
 
 N_IMAGES = 12
 BATCH_SIZE = 4
@@ -69,8 +71,92 @@ def encoder_file(collection, tmp_path_factory) -> Path:
     return Encoder(CONFIG).fit(maps).save(tmp / "enc.npz")
 
 
+# ===================================================================== the stages, without Ray
+
+
+def _decode(paths, config: EncoderConfig = CONFIG) -> dict[str, np.ndarray]:
+    batch = {"path": np.array([str(p) for p in paths], dtype=object)}
+    return decode_batch(batch, json.dumps(config.to_dict()))
+
+
+def _bug(*args, **kwargs):
+    raise TypeError("a bug, not a bad image")
+
+
+@pytest.fixture(scope="module")
+def actor(encoder_file) -> EncodeActor:
+    """An encoding actor as Ray would make it, here in the test process (CPU)."""
+    return EncodeActor(str(encoder_file), Encoder.load(encoder_file).fingerprint, batch_size=2)
+
+
+def test_decode_batch_records_a_bad_image(collection):
+    _, good, corrupt = collection
+    rows = _decode([good[0], corrupt])
+    assert list(rows["error"]) == ["", "CorruptImageError"]
+    assert list(rows["reason"]) == ["", "not a recognised image format"]
+    h, w = int(rows["height"][0]), int(rows["width"][0])
+    assert max(h, w) == CONFIG.max_side and len(rows["rgb"][0]) == h * w * 3
+    assert list(rows["has_keypoints"]) == [True, False]  # the SIFT-mask needs them
+
+
+def test_decode_batch_sends_no_keypoints_unless_the_mask_needs_them(collection):
+    _, good, _ = collection
+    rows = _decode(good[:2], EncoderConfig.from_dict({**CONFIG.to_dict(), "mask": "max"}))
+    assert list(rows["error"]) == ["", ""]
+    assert list(rows["has_keypoints"]) == [False, False]
+
+
+def test_decode_batch_propagates_a_bug(collection, monkeypatch):
+    """Only a bad image is a per-image failure; a bug fails the task (and, after Ray's retries,
+    the job) instead of filing every image as failed."""
+    _, good, _ = collection
+    monkeypatch.setattr(selret.features.io, "resize_longest", _bug)
+    with pytest.raises(TypeError, match="a bug"):
+        _decode(good[:1])
+
+
+def test_encode_actor_matches_local_encoding(actor, collection, encoder_file, tmp_path):
+    _, good, corrupt = collection
+    rows = actor(_decode([*good[:5], corrupt]))
+    assert list(rows["error"]) == [""] * 5 + ["CorruptImageError"]
+    local = Encoder.load(encoder_file)
+    extractor = Extractor.for_config(local.config, cache=tmp_path / "cache")
+    for path, vector in zip(good[:5], rows["vector"], strict=False):
+        expected = local.encode(extractor.feature_map(path))
+        np.testing.assert_allclose(vector, expected, atol=1e-5, err_msg=path)
+    assert not rows["vector"][5].any()
+
+
+def test_encode_actor_network_failure_is_per_image(actor, collection, monkeypatch):
+    _, good, _ = collection
+    forward = Backbone.forward_maps
+
+    def fails_on_tall_images(self, rgb_batch):  # a network error (as CUDA OOM) for 96 x 80 ones
+        if rgb_batch.shape[1] == 96:
+            raise RuntimeError("CUDA out of memory")
+        return forward(self, rgb_batch)
+
+    monkeypatch.setattr(Backbone, "forward_maps", fails_on_tall_images)
+    rows = actor(_decode(good[:4]))  # even: 96 x 80, odd: 72 x 96
+    assert list(rows["error"]) == ["RuntimeError", "", "RuntimeError", ""]
+    assert rows["reason"][0] == "CUDA out of memory"
+    assert rows["vector"][1].any() and rows["vector"][3].any()
+
+
+def test_encode_actor_propagates_a_bug(actor, collection, monkeypatch):
+    _, good, _ = collection
+    rows = _decode(good[:2])
+    monkeypatch.setattr(Backbone, "forward_maps", _bug)
+    with pytest.raises(TypeError, match="a bug"):
+        actor(rows)
+
+
+# ===================================================================== on a local Ray instance
+
+
 @pytest.fixture(scope="module")
 def local_ray():
+    ray = pytest.importorskip("ray")
     ray.init(
         num_cpus=2,
         include_dashboard=False,
@@ -93,7 +179,8 @@ def encoded(local_ray, collection, encoder_file, tmp_path_factory):
     return summary, out
 
 
-def test_vectors_equal_local_encoding(encoded, collection, encoder_file):
+@pytest.mark.ray
+def test_vectors_equal_local_encoding(encoded, collection, encoder_file, tmp_path):
     summary, out = encoded
     _, good, _ = collection
     assert summary.n_total == N_IMAGES + 1 and summary.n_encoded == N_IMAGES
@@ -106,10 +193,13 @@ def test_vectors_equal_local_encoding(encoded, collection, encoder_file):
     assert sum(len(s.paths) for s in shards) == N_IMAGES
     local = Encoder.load(encoder_file)
     assert all(s.fingerprint == local.fingerprint for s in shards)
+    extractor = Extractor.for_config(local.config, cache=tmp_path / "cache")
     for path in good:
-        np.testing.assert_allclose(vectors[path], local.encode_image(path), atol=1e-5, err_msg=path)
+        expected = local.encode(extractor.feature_map(path))
+        np.testing.assert_allclose(vectors[path], expected, atol=1e-5, err_msg=path)
 
 
+@pytest.mark.ray
 def test_corrupt_file_is_recorded(encoded, collection):
     summary, out = encoded
     _, _, corrupt = collection
@@ -121,6 +211,7 @@ def test_corrupt_file_is_recorded(encoded, collection):
     assert failure["reason"] == "not a recognised image format"
 
 
+@pytest.mark.ray
 def test_rerun_resumes(encoded, collection, encoder_file, tmp_path):
     _, out = encoded
     root, _, corrupt = collection
@@ -139,6 +230,7 @@ def test_rerun_resumes(encoded, collection, encoder_file, tmp_path):
     assert [f["path"] for f in read_failures(copy)] == [corrupt]
 
 
+@pytest.mark.ray
 def test_ingest_into_engine_via_cli(encoded, collection, encoder_file, tmp_path):
     _, out = encoded
     _, good, corrupt = collection
@@ -159,6 +251,7 @@ def test_ingest_into_engine_via_cli(encoded, collection, encoder_file, tmp_path)
     assert f"added 0, already indexed {N_IMAGES}" in again.output
 
 
+@pytest.mark.ray
 def test_ingest_refuses_shards_of_another_encoder(encoded, tmp_path):
     _, out = encoded
     shard = next(iter_shards(out))
@@ -170,6 +263,7 @@ def test_ingest_refuses_shards_of_another_encoder(encoded, tmp_path):
     assert len(ImageIndex.open(tmp_path / "other")) == 0
 
 
+@pytest.mark.ray
 def test_sharded_search_equals_one_index(encoded, collection, tmp_path):
     _, out = encoded
     _, good, _ = collection

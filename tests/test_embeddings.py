@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
+from selret.encoding.codebooks import DiagonalGMM, fit_gmm, kmeans
 from selret.encoding.embeddings import (
-    DiagonalGMM,
     Embedder,
     EmbeddingWhitener,
     embedding_dim,
@@ -11,9 +11,7 @@ from selret.encoding.embeddings import (
     faemb_coefficients,
     faemb_objective,
     fisher_vector,
-    fit_gmm,
     gmm_posteriors,
-    kmeans,
     temb,
     vlad,
 )
@@ -335,7 +333,7 @@ def test_embedder_fit_is_reproducible_and_subsamples_for_whitening(clusters):
 
 def test_embedder_errors(clusters):
     with pytest.raises(ValueError, match="unknown embedding kind"):
-        Embedder("bow", k=3)
+        Embedder("bow", k=3).fit(clusters)  # parameters are checked by fit, not the constructor
     with pytest.raises(ValueError, match="at least k"):
         Embedder("vlad", k=10).fit(clusters[:5])
     with pytest.raises(RuntimeError, match="not fitted"):

@@ -97,7 +97,7 @@ def test_fit_is_reproducible_with_seed_and_differs_without(learn_maps, test_maps
     a = Encoder(cfg).fit(learn_maps).encode_many(test_maps)
     b = Encoder(cfg).fit(learn_maps).encode_many(test_maps)
     np.testing.assert_array_equal(a, b)
-    c = Encoder(cfg, seed=7).fit(learn_maps).encode_many(test_maps)
+    c = Encoder.from_params(cfg, seed=7).fit(learn_maps).encode_many(test_maps)
     assert not np.array_equal(a, c)
 
 
@@ -172,7 +172,7 @@ def test_torch_device_path_matches_numpy(embedding, learn_maps, test_maps):
         EncoderConfig(embedding=embedding, aggregation=agg, d=d, k=k, kmeans_iters=5)
     ).fit(learn_maps)
     ref = enc.encode_many(test_maps)
-    on_device = enc.to("cpu").encode_many(test_maps)  # the torch path; "cuda" on a GPU machine
+    on_device = enc.encode_many(test_maps, device="cpu")  # the torch path; "cuda" on a GPU machine
     # F-FAemb amplifies float32 rounding through its clamped whitening: a looser bound there.
     np.testing.assert_allclose(on_device, ref, atol=2e-4 if embedding == "faemb" else 2e-5)
 
@@ -180,11 +180,12 @@ def test_torch_device_path_matches_numpy(embedding, learn_maps, test_maps):
 def test_auto_device_without_gpu_is_the_numpy_path(learn_maps):
     import torch
 
-    enc = Encoder(EncoderConfig(embedding="vlad", aggregation="sum", d=8, k=4, kmeans_iters=5))
+    from selret.encoding.encoder import encoding_device
+
     expected = None if not torch.cuda.is_available() else torch.device("cuda")
-    assert enc.to("auto").device == expected
-    assert enc.to("cpu").device == torch.device("cpu")
-    assert enc.to(None).device is None
+    assert encoding_device("auto") == expected
+    assert encoding_device("cpu") == torch.device("cpu")
+    assert encoding_device(None) is None
 
 
 def test_encode_many_is_bit_identical_to_encode(learn_maps, test_maps):
@@ -192,3 +193,25 @@ def test_encode_many_is_bit_identical_to_encode(learn_maps, test_maps):
     many = enc.encode_many(test_maps)
     for i, fmap in enumerate(test_maps):
         np.testing.assert_array_equal(many[i], enc.encode(fmap))
+
+
+def test_fingerprint_ignores_the_preset_label(learn_maps):
+    import dataclasses
+
+    cfg = EncoderConfig(embedding="vlad", aggregation="sum", d=8, k=4, kmeans_iters=5)
+    a = Encoder(dataclasses.replace(cfg, preset="one-name")).fit(learn_maps)
+    b = Encoder(dataclasses.replace(cfg, preset="another-name")).fit(learn_maps)
+    assert a.fingerprint == b.fingerprint
+
+
+def test_constructor_only_stores_and_learned_state_comes_from_fit(learn_maps):
+    from selret.encoding.preprocessing import NotFittedError
+
+    cfg = EncoderConfig(embedding="vlad", aggregation="sum", d=8, k=4, kmeans_iters=5)
+    enc = Encoder(cfg)
+    assert enc.config is cfg
+    assert not [name for name in vars(enc) if name.endswith("_")]
+    with pytest.raises(NotFittedError, match="Encoder is not fitted"):
+        enc.encode(learn_maps[0])
+    enc.fit(learn_maps)
+    assert {"pca_", "embedder_", "rotation_"} <= set(vars(enc))

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from selret.cli import app
 from selret.encoding.encoder import Encoder, EncoderConfig
 from selret.errors import ConfigMismatchError
-from selret.features.maps import feature_maps_for
+from selret.features.extractor import feature_maps_for
 from selret.search.engine import SearchEngine
 
 CONFIG = dict(weights="random", max_side=96, d=16, k=10, kmeans_iters=5)

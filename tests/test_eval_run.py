@@ -3,8 +3,11 @@ contact sheets. Random weights, images of 96-128 px."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import pickle
+import sys
 from pathlib import Path
 
 import cv2
@@ -12,16 +15,18 @@ import numpy as np
 import pytest
 
 from selret.encoding.encoder import Encoder, EncoderConfig
-from selret.evaluation.datasets import Query, RetrievalBenchmark, read_object_folders, read_ukbench
-from selret.evaluation.runs import (
-    BaselineEncoder,
-    LearningSetOverlapError,
-    check_disjoint,
-    evaluate,
-    prepare,
-    run,
-    score,
+from selret.evaluation.baselines import BaselineEncoder
+from selret.evaluation.data import prepare
+from selret.evaluation.datasets import (
+    Query,
+    RetrievalBenchmark,
+    read_gnd_pkl,
+    read_object_folders,
+    read_ukbench,
 )
+from selret.evaluation.learning import LearningSetOverlapError, check_disjoint
+from selret.evaluation.runs import evaluate, run
+from selret.evaluation.scoring import score
 
 # The tiny learning sets here are deliberate: the encoder's warning about them is expected.
 pytestmark = pytest.mark.filterwarnings("ignore::selret.encoding.encoder.SmallLearningSetWarning")
@@ -220,6 +225,103 @@ def test_score_per_group_top1_and_ns_on_hand_made_rankings(tmp_path):
     assert s["top1"] == 0.5
 
 
+# --------------------------------------------------------------------------- smells fixed (issue 9)
+
+# A revisited ground truth (easy / hard / junk, disjoint) and a ranking that favours easy, junk
+# and hard images in that order. The expected figures were computed by the code that applied the
+# protocol when loading (before issue 9), and must not change.
+REVISITED_GND = [
+    {"easy": [4, 0, 28, 20], "hard": [30, 10], "junk": [12, 32, 19]},
+    {"easy": [33, 37, 32], "hard": [26], "junk": [27, 23]},
+    {"easy": [36], "hard": [11, 0, 24], "junk": [37, 6, 34]},
+    {"easy": [18, 24], "hard": [], "junk": [27, 32]},
+    {"easy": [4, 19, 16, 0], "hard": [1, 9], "junk": [21, 23, 27]},
+    {"easy": [10, 13, 26], "hard": [35], "junk": [23]},
+]
+REVISITED_BEFORE = {  # protocol: (mAP, mP@1/5/10, top-1)
+    "easy": (0.6533174001924001, (0.8333333333333334, 0.4666666666666666, 0.4), 0.8333333333333334),
+    "medium": (0.651202535371754, (1.0, 0.4666666666666666, 0.2833333333333333), 1.0),
+    "hard": (0.20522186147186144, (0.2, 0.12, 0.1), 0.2),
+}
+
+
+def revisited_ranks() -> np.ndarray:
+    scores = np.random.default_rng(3).random((40, 6))
+    for q, g in enumerate(REVISITED_GND):
+        scores[g["easy"], q] += 0.6
+        scores[g["hard"], q] += 0.3
+        scores[g["junk"], q] += 0.5
+    return np.argsort(-scores, axis=0, kind="stable")
+
+
+def test_revisited_protocol_is_applied_when_scoring_not_when_loading(tmp_path):
+    path = tmp_path / "gnd_rrand.pkl"
+    path.write_bytes(pickle.dumps({"imlist": [f"x{i}" for i in range(40)],
+                                   "qimlist": [f"q{i}" for i in range(6)], "gnd": REVISITED_GND}))  # fmt: skip
+    ranks = revisited_ranks()
+    loaded = {p: read_gnd_pkl(path, protocol=p) for p in REVISITED_BEFORE}
+    for protocol, bench in loaded.items():
+        # Whatever the protocol, the queries hold the file's raw lists.
+        assert bench.protocol == protocol and bench.queries == loaded["easy"].queries
+        assert [(q.easy, q.hard, q.junk, q.positives) for q in bench.queries] == [
+            (g["easy"], g["hard"], g["junk"], []) for g in REVISITED_GND
+        ]
+        s = score(bench, ranks)
+        m, mp, top1 = REVISITED_BEFORE[protocol]
+        assert s["map"] == pytest.approx(m, abs=1e-12) and s["top1"] == pytest.approx(top1)
+        assert [s["mp_at_k"][k] for k in (1, 5, 10)] == pytest.approx(mp)
+        assert s["revisited"] == pytest.approx({p: v[0] for p, v in REVISITED_BEFORE.items()})
+        # Any protocol can be scored from any load: the raw lists are all there.
+        other = score(loaded["easy"], ranks, protocol=protocol)
+        assert other["map"] == pytest.approx(m, abs=1e-12)
+
+
+def test_score_follows_the_declared_metric_not_the_dataset_name(tmp_path):
+    for i in range(8):
+        save(tmp_path / "phones" / f"ukbench{i:05d}.jpg", make_image(i, 64, 48))
+    # UKBench-format ground truth under another name still gets its N-S score ...
+    bench = dataclasses.replace(read_ukbench(tmp_path / "phones"), name="my-phones")
+    ranks = np.array([[g * 4 + (q + j) % 4 for j in range(4)] + [(1 - g) * 4 + j for j in range(4)]
+                      for q, g in ((q, q // 4) for q in range(8))]).T  # fmt: skip
+    assert score(bench, ranks)["ns_score"] == 4.0
+    assert score(dataclasses.replace(bench, protocol="loo"), ranks)["ns_score"] == 4.0
+    # ... and a benchmark merely named "ukbench" that declares no N-S score gets none.
+    objects = write_objects(tmp_path / "ukbench", n_objects=2, n_views=2)
+    other = read_object_folders(objects)
+    assert other.name == "ukbench" and other.metrics == ()
+    assert score(other, np.tile(np.arange(4)[:, None], (1, 4)))["ns_score"] is None
+
+
+def test_the_mask_is_computed_once_per_map_in_a_run(dup_layout, monkeypatch):
+    from selret.encoding import masks
+
+    objects, learn, cache = dup_layout
+    data = prepare(
+        read_object_folders(objects), weights="random", max_side=SIZE, learn=[learn],
+        cache_dir=cache, preload=True,
+    )  # fmt: skip
+    # SUM-mask: on these small grids the MAX-mask keeps every cell.
+    config = EncoderConfig.from_preset(
+        "temb-demo-512", weights="random", max_side=SIZE, mask="sum", **FAST
+    )
+    encoder = Encoder(config).fit(data.learn)
+    original = masks.compute_mask
+    calls = []
+
+    def counting(kind, fmap):
+        calls.append(kind)
+        return original(kind, fmap)
+
+    for name, module in list(sys.modules.items()):
+        if name.startswith("selret") and getattr(module, "compute_mask", None) is original:
+            monkeypatch.setattr(module, "compute_mask", counting)
+    report = run(data, encoder)
+    assert len(calls) == len(data.db) + len(data.queries) == 24
+    # The kept fraction the report gives comes from that one mask per map.
+    expected = np.mean([original(config.mask, f).mean() for f in data.db])
+    assert 0 < expected < 1 and report.kept_fraction == pytest.approx(expected)
+
+
 # --------------------------------------------------------------------------- report files
 
 
@@ -237,6 +339,22 @@ def test_report_saves_json_and_markdown(dup_layout, tmp_path):
     assert len(data["per_query"]) == 12 and len(data["per_query"][0]["top"]) == 10
     text = md.read_text()
     assert "| mAP | 100.0 |" in text and "| obj02 | 3 | 100.0 | 100.0 |" in text
+
+
+def test_report_files_are_written_atomically(dup_layout, tmp_path, monkeypatch):
+    objects, _, cache = dup_layout
+    report = evaluate(
+        read_object_folders(objects), BaselineEncoder("mac", weights="random", max_side=SIZE),
+        cache_dir=cache,
+    )  # fmt: skip
+
+    def crash(src, dst):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="disk gone"):
+        report.save(tmp_path / "out")
+    assert list((tmp_path / "out").iterdir()) == []  # no partial report, no temporary file
 
 
 def test_contact_sheet_frames_results_by_relevance(dup_layout, tmp_path):

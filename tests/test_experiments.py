@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -215,3 +218,81 @@ def test_fitted_encoders_are_reused_for_the_same_config_and_learning_set(layout,
     other = ex.make_setup(read_object_folders(objects), [learn], max_learn=8, **kwargs)
     assert other.run_encoder(config).times["fit"] > 0
     assert len(list((tmp_path / "enc").glob("*.npz"))) == 2
+
+
+# --------------------------------------------------------------------------- smells fixed (issue 9)
+
+IMPORT_CHECK = """
+import sys, types
+import selret.evaluation.data, selret.evaluation.runs, selret.evaluation.plots  # what it builds on
+import selret.encoding.presets, selret.encoding.masks
+
+def snapshot():
+    out = {}
+    for name, mod in list(sys.modules.items()):
+        if not name.startswith("selret.") or name.startswith("selret.evaluation.experiment"):
+            continue
+        for key, value in vars(mod).items():
+            if isinstance(value, types.ModuleType):
+                continue  # importing a submodule binds it on its package: not a mutation
+            if isinstance(value, (dict, list, set, tuple, str, int, float, bool, type(None))):
+                out[name, key] = repr(value)
+            else:
+                out[name, key] = (id(value), tuple(sorted(getattr(value, "__dict__", {}))))
+    return out
+
+before = snapshot()
+import selret.evaluation.experiments as ex
+after = {k: v for k, v in snapshot().items() if k[0] in {n for n, _ in before}}
+changed = sorted(k for k in before if before[k] != after.get(k))
+assert not changed, changed
+assert not [k for k in vars(ex) if k.startswith("_fields")], "import-time loop variable left behind"
+assert ex.FRAMEWORKS["FV+avg"] == {"embedding": "fv", "aggregation": "average", "d": 48, "k": 44}
+print("ok")
+"""
+
+
+def test_importing_experiments_leaves_other_modules_untouched():
+    # A fresh interpreter: the import must run no code that changes another module's state, nor
+    # build its own tables by mutating them in a module-level loop.
+    out = subprocess.run(
+        [sys.executable, "-c", IMPORT_CHECK], capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def toy_result() -> ex.ExperimentResult:
+    setup = {"dataset": "toy", "protocol": "standard", "n_db": 3, "n_queries": 2,
+             "learning_set": {"name": "learn", "n_images": 4}, "weights": "random",
+             "layer": "pool5", "max_side": SIZE}  # fmt: skip
+    rows = [
+        {"mask": "max", "alpha": a, "D": 8, "mAP": 0.5 + a / 4, "top-1": 1.0} for a in (0.5, 1.0)
+    ]
+    return ex.ExperimentResult("alpha", "Toy", ["mask", "alpha", "D", "mAP", "top-1"], rows, setup)
+
+
+def test_experiment_files_are_written_atomically(tmp_path, monkeypatch):
+    result = toy_result()
+    real_replace, renamed = os.replace, []
+
+    def recording(src, dst):
+        renamed.append(os.fspath(dst))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", recording)
+    files = result.save(tmp_path / "ok")
+    # Every file is renamed into place from a temporary, and no temporary stays behind.
+    assert sorted(renamed) == sorted(os.fspath(f) for f in files)
+    assert sorted(p.name for p in (tmp_path / "ok").iterdir()) == [
+        "alpha.json",
+        "alpha.md",
+        "alpha.png",
+    ]
+
+    def crash(src, dst):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="disk gone"):
+        result.save(tmp_path / "crashed")
+    assert list((tmp_path / "crashed").iterdir()) == []  # nothing partial

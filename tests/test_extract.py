@@ -1,4 +1,4 @@
-"""selret.features.extract and ``selret extract``: counts, failure log, resume after a kill, equal-size batches."""
+"""selret.features.extractor.Extractor and ``selret extract``: counts, failure log, resume after a kill, equal-size batches."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from selret.cli import app
 from selret.errors import EmptyImageError
 from selret.features.backbones import load_backbone
 from selret.features.cache import FeatureCache
-from selret.features.extract import cache_id, extract_to_cache, iter_feature_maps
+from selret.features.extractor import Extractor, cache_id
 from selret.features.io import prepare_image
 from selret.features.keypoints import detect_keypoints
 from selret.files import list_images
@@ -73,6 +73,22 @@ def images(tmp_path) -> list[Path]:
     return list_images(folder)
 
 
+def extractor(backbone, cache, max_side=MAX_SIDE, batch_size=8, num_workers=2, **kwargs):
+    weights, layer = getattr(backbone, "weights", "recording"), getattr(backbone, "layer", "pool5")
+    return Extractor(
+        weights, layer, max_side, cache=cache, backbone=backbone, batch_size=batch_size,
+        num_workers=num_workers, **kwargs,
+    )  # fmt: skip
+
+
+def run_extract(paths, backbone, cache, max_side=MAX_SIDE, batch_size=8, num_workers=2, **kwargs):
+    return extractor(backbone, cache, max_side, batch_size, num_workers).extract(paths, **kwargs)
+
+
+def run_iter(paths, backbone, cache, max_side=MAX_SIDE, batch_size=8, **kwargs):
+    return extractor(backbone, cache, max_side, batch_size).iter_maps(paths, **kwargs)
+
+
 def good(paths):
     return [p for p in paths if "good" in p.name]
 
@@ -94,7 +110,7 @@ def test_list_images_list_file(tmp_path, images):
 def test_extract_counts_log_and_maps(tmp_path, images, backbone):
     cache = FeatureCache(tmp_path / "cache")
     log = tmp_path / "logs" / "failed.jsonl"
-    report = extract_to_cache(
+    report = run_extract(
         images, backbone, cache, max_side=MAX_SIDE, batch_size=4, progress=False, log_path=log
     )
     assert (report.n_total, report.n_extracted, report.n_cached, report.n_failed) == (8, 6, 0, 2)
@@ -124,19 +140,19 @@ def test_extract_counts_log_and_maps(tmp_path, images, backbone):
 def test_second_run_extracts_nothing_and_log_appends(tmp_path, images):
     cache = FeatureCache(tmp_path / "cache")
     log = tmp_path / "failed.jsonl"
-    extract_to_cache(images, Recording(), cache, max_side=MAX_SIDE, progress=False, log_path=log)
+    run_extract(images, Recording(), cache, max_side=MAX_SIDE, progress=False, log_path=log)
     rec = Recording()
-    report = extract_to_cache(images, rec, cache, max_side=MAX_SIDE, progress=False, log_path=log)
+    report = run_extract(images, rec, cache, max_side=MAX_SIDE, progress=False, log_path=log)
     assert (report.n_extracted, report.n_cached, report.n_failed) == (0, 6, 2)
     assert rec.batches == [] and len(log.read_text().splitlines()) == 4
 
 
 def test_resume_after_deleted_entry(tmp_path, images):
     cache = FeatureCache(tmp_path / "cache")
-    extract_to_cache(images, Recording(), cache, max_side=MAX_SIDE, progress=False)
+    run_extract(images, Recording(), cache, max_side=MAX_SIDE, progress=False)
     cache.discard(cache.key(good(images)[2], Recording.id, MAX_SIDE))
     rec = Recording()
-    report = extract_to_cache(images, rec, cache, max_side=MAX_SIDE, progress=False)
+    report = run_extract(images, rec, cache, max_side=MAX_SIDE, progress=False)
     assert (report.n_extracted, report.n_cached) == (1, 5)
     assert rec.batches == [(1, (48, 64))]
 
@@ -144,7 +160,7 @@ def test_resume_after_deleted_entry(tmp_path, images):
 def test_resume_after_kill(tmp_path, images):
     cache = FeatureCache(tmp_path / "cache")
     with pytest.raises(KeyboardInterrupt):
-        extract_to_cache(
+        run_extract(
             images,
             Recording(die_on_call=2),
             cache,
@@ -156,14 +172,14 @@ def test_resume_after_kill(tmp_path, images):
     assert len(cache) == 2  # the first batch was written before the kill
     assert not any(p.name.endswith(".part") for p in cache.root.rglob("*"))
     rec = Recording()
-    report = extract_to_cache(images, rec, cache, max_side=MAX_SIDE, batch_size=2, progress=False)
+    report = run_extract(images, rec, cache, max_side=MAX_SIDE, batch_size=2, progress=False)
     assert (report.n_extracted, report.n_cached, report.n_failed) == (4, 2, 2)
     assert sum(n for n, _ in rec.batches) == 4 and len(cache) == 6
 
 
 def test_batches_hold_equal_sizes(tmp_path, images):
     rec = Recording()
-    report = extract_to_cache(
+    report = run_extract(
         images,
         rec,
         FeatureCache(tmp_path / "c"),
@@ -180,7 +196,7 @@ def test_batches_hold_equal_sizes(tmp_path, images):
 def test_forward_failure_isolated_to_its_image(tmp_path, images):
     flat = images[0].parent / "good_flat.png"
     Image.new("RGB", (80, 60), FLAT).save(flat)
-    report = extract_to_cache(
+    report = run_extract(
         [*images, flat], Recording(refuse_flat=True), FeatureCache(tmp_path / "c"),
         max_side=MAX_SIDE, batch_size=8, progress=False,
     )  # fmt: skip
@@ -191,7 +207,7 @@ def test_forward_failure_isolated_to_its_image(tmp_path, images):
 def test_rotations_and_bboxes_align_with_paths(tmp_path, images):
     cache = FeatureCache(tmp_path / "c")
     paths = good(images)[:2]
-    report = extract_to_cache(
+    report = run_extract(
         paths,
         Recording(),
         cache,
@@ -206,21 +222,19 @@ def test_rotations_and_bboxes_align_with_paths(tmp_path, images):
     assert rotated.image_size == (64, 48) and cropped.image_size == (32, 64)  # crop at scale 0.8
     assert cache.get(cache.key(paths[0], Recording.id, MAX_SIDE)) is None
     with pytest.raises(ValueError, match="rotations has 1 entries for 2 paths"):
-        extract_to_cache(
-            paths, Recording(), cache, max_side=MAX_SIDE, rotations=[0], progress=False
-        )
+        run_extract(paths, Recording(), cache, max_side=MAX_SIDE, rotations=[0], progress=False)
 
 
 def test_iter_feature_maps_in_order(tmp_path, images):
     cache = FeatureCache(tmp_path / "c")
-    out = list(iter_feature_maps(images, Recording(), cache, max_side=MAX_SIDE, chunk_size=3))
+    out = list(run_iter(images, Recording(), cache, max_side=MAX_SIDE, chunk_size=3))
     assert [p for p, _ in out] == good(images)  # input order, the two bad ones skipped
     assert all(
         f.features.shape == (3, f.image_size[0] // 16, f.image_size[1] // 16) for _, f in out
     )
     assert len(cache) == 6
     with pytest.raises(EmptyImageError, match="bad_empty.png"):  # the first bad path, in order
-        list(iter_feature_maps(images, Recording(), cache, max_side=MAX_SIDE, errors="raise"))
+        list(run_iter(images, Recording(), cache, max_side=MAX_SIDE, errors="raise"))
 
 
 def test_cache_id_marks_reduced_precision(backbone):
@@ -289,7 +303,7 @@ def test_real_vgg16_on_paris(tmp_path):
     paths = list_images(PARIS)[:2]
     backbone = load_backbone("vgg16-caffe", "pool5", device="cpu")
     cache = FeatureCache(tmp_path / "c")
-    report = extract_to_cache(paths, backbone, cache, max_side=1024, batch_size=2, progress=False)
+    report = run_extract(paths, backbone, cache, max_side=1024, batch_size=2, progress=False)
     assert report.n_extracted == 2 and not report.failed
     for path in paths:
         fmap = cache.get(cache.key(path, cache_id(backbone), 1024))
@@ -307,7 +321,7 @@ def test_many_distinct_sizes_all_extracted(tmp_path):
         Image.new("RGB", (64, 40 + 2 * i), (i, i, i)).save(path)
         paths.append(path)
     rec = Recording()
-    report = extract_to_cache(
+    report = run_extract(
         paths,
         rec,
         FeatureCache(tmp_path / "c"),
@@ -318,3 +332,67 @@ def test_many_distinct_sizes_all_extracted(tmp_path):
     )
     assert report.n_extracted == 11 and len(rec.batches) == 11
     assert len({shape for _, shape in rec.batches}) == 11
+
+
+# ---------------------------------------------------------------- review smells (issue 9)
+
+
+def test_corrupt_cache_entry_is_extracted_again(tmp_path, images):
+    cache = FeatureCache(tmp_path / "cache")
+    first = run_extract(good(images), Recording(), cache, progress=False)
+    assert first.n_extracted == 6
+    ex = extractor(Recording(), cache)
+    victim = good(images)[0]
+    cache.entry_path(ex.key(victim)).write_bytes(b"not an npz")  # e.g. a disk error
+    again = run_extract(good(images), Recording(), cache, progress=False)
+    assert (again.n_extracted, again.n_cached) == (1, 5)
+    assert cache.get(ex.key(victim)) is not None
+
+
+def test_image_without_map_is_an_error_not_a_shorter_list(tmp_path, images, monkeypatch):
+    from selret.errors import CacheError
+
+    cache = FeatureCache(tmp_path / "cache")
+    lost = good(images)[2]
+    real_put = cache.put
+
+    def put(key, fmap):  # the entry of one image silently never reaches the disk
+        if key != extractor(Recording(), cache).key(lost):
+            real_put(key, fmap)
+
+    monkeypatch.setattr(cache, "put", put)
+    with pytest.raises(CacheError, match=lost.name):
+        extractor(Recording(), cache).maps(good(images), progress=False)
+
+
+class Buggy(Recording):
+    def forward_maps(self, rgb_batch):
+        raise TypeError("a bug in the network code")
+
+
+def test_bugs_are_not_filed_as_bad_images(tmp_path, images, monkeypatch):
+    cache = FeatureCache(tmp_path / "cache")
+    with pytest.raises(TypeError, match="a bug"):
+        run_extract(good(images), Buggy(), cache, progress=False)
+
+    def broken_prepare(*args, **kwargs):
+        raise AttributeError("a bug in the decoding code")
+
+    monkeypatch.setattr("selret.features.extractor.prepare_image", broken_prepare)
+    with pytest.raises(AttributeError, match="a bug"):
+        run_extract(good(images), Recording(), cache, progress=False)
+
+
+def test_no_upscale_keeps_small_images_at_their_size(tmp_path, images):
+    cache = FeatureCache(tmp_path / "cache")
+    rec = Recording()
+    ex = extractor(rec, cache, max_side=64, upscale=False)
+    maps = ex.maps(good(images), progress=False)
+    # 80 x 60 images capped at 64: shrunk; with max_side 200 they keep 80 x 60.
+    assert {m.image_size for m in maps} == {(48, 64), (64, 48)}
+    big = extractor(Recording(), cache, max_side=200, upscale=False).maps(
+        good(images), progress=False
+    )
+    assert {m.image_size for m in big} == {(60, 80), (80, 60)}
+    up = extractor(Recording(), cache, max_side=200).maps(good(images), progress=False)
+    assert {m.image_size for m in up} == {(150, 200), (200, 150)}

@@ -1,26 +1,24 @@
-"""Tests of selret.search.index: VectorIndex kinds, query expansion, the persistent ImageIndex, shards."""
+"""Tests of selret.search: VectorIndex kinds, query expansion, the persistent ImageIndex, shards."""
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import faiss
 import numpy as np
 import pytest
 
-import selret.search.index as index_mod
-from selret.errors import ConfigMismatchError
-from selret.search.index import (
-    CorruptIndexError,
-    ImageIndex,
-    IndexConflictError,
-    ShardedSearch,
-    VectorIndex,
-    average_query_expansion,
-    choose_kind,
-    recall_at_k,
-)
+import selret.search.kernels as kernels
+import selret.search.store as store_mod
+import selret.search.vectors as vectors_mod
+from selret.errors import ConfigMismatchError, CorruptIndexError, IndexConflictError
+from selret.search.expansion import average_query_expansion
+from selret.search.sharded import ShardedSearch
+from selret.search.store import ImageIndex
+from selret.search.vectors import VectorIndex, choose_kind, recall_at_k
 
 D = 32
 CONFIG = {"d": D, "mask": "sift", "embedding": "faemb"}
@@ -83,6 +81,61 @@ def test_exact_search_equals_brute_force():
     scores, found = index.search(q, 10)
     np.testing.assert_array_equal(found, brute_force(x, ids, q, 10))
     np.testing.assert_allclose(scores, np.sort(q @ x.T, axis=1)[:, ::-1][:, :10], atol=1e-5)
+
+
+FAISS_SETTINGS = (
+    "distance_compute_blas_threshold",
+    "distance_compute_blas_query_bs",
+    "distance_compute_blas_database_bs",
+    "distance_compute_min_k_reservoir",
+)
+
+
+def faiss_settings() -> dict:
+    return {name: getattr(faiss.cvar, name) for name in FAISS_SETTINGS}
+
+
+@pytest.mark.parametrize("kind", ["exact", "hnsw", "ivfpq"])
+def test_a_query_scores_the_same_alone_and_in_a_batch(kind):
+    # faiss's BLAS and per-query kernels round differently and it picks one by batch size; with
+    # vectors of norm 8 (scores up to 64) any such rounding difference exceeds 1e-6.
+    x, q = 8 * clustered(600, seed=40), 8 * clustered(64, seed=41)
+    index = VectorIndex(D, kind)
+    index.add(x, np.arange(600) + 5)
+    batch_scores, batch_ids = index.search(q, 10)
+    for i in range(len(q)):
+        scores, ids = index.search(q[i], 10)
+        np.testing.assert_allclose(scores[0], batch_scores[i], rtol=0, atol=1e-6)
+        np.testing.assert_array_equal(ids[0], batch_ids[i])
+
+
+def test_importing_selret_search_leaves_faiss_settings_alone():
+    code = f"""
+import importlib, pkgutil, faiss
+names = {FAISS_SETTINGS!r}
+before = [getattr(faiss.cvar, n) for n in names], faiss.omp_get_max_threads()
+import selret.search
+for module in pkgutil.walk_packages(selret.search.__path__, "selret.search."):
+    importlib.import_module(module.name)
+after = [getattr(faiss.cvar, n) for n in names], faiss.omp_get_max_threads()
+assert before == after, (before, after)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_training_and_searching_leave_faiss_settings_alone():
+    before = faiss_settings()
+    for kind in ("exact", "hnsw", "ivfpq"):
+        index = VectorIndex(D, kind)
+        index.add(clustered(400, seed=42), np.arange(400))  # IVF-PQ: trained here
+        index.search(clustered(30, seed=43), 5)
+    assert faiss_settings() == before
+    with kernels.blas_brute_force(), kernels.blas_brute_force():  # nested, as from threads
+        assert faiss.cvar.distance_compute_blas_threshold == min(
+            before["distance_compute_blas_threshold"], kernels._BLAS_THRESHOLD
+        )
+    assert faiss_settings() == before
 
 
 def test_search_pads_with_minus_one_and_minus_inf():
@@ -192,8 +245,8 @@ def test_ivfpq_needs_enough_training_vectors():
 
 
 def test_auto_kind_grows_through_the_thresholds(monkeypatch):
-    monkeypatch.setattr(index_mod, "AUTO_EXACT_MAX", 300)
-    monkeypatch.setattr(index_mod, "AUTO_HNSW_MAX", 700)
+    monkeypatch.setattr(vectors_mod, "AUTO_EXACT_MAX", 300)
+    monkeypatch.setattr(vectors_mod, "AUTO_HNSW_MAX", 700)
     assert [choose_kind(n) for n in (299, 300, 699, 700)] == ["exact", "hnsw", "hnsw", "ivfpq"]
     x = clustered(800, seed=8)
     ids = np.arange(800) + 1
@@ -362,7 +415,7 @@ def test_save_is_atomic_under_a_crash(tmp_path, monkeypatch, failing):
     def crash(*args, **kwargs):
         raise OSError("disk on fire")
 
-    monkeypatch.setattr(index_mod, failing, crash)
+    monkeypatch.setattr(store_mod, failing, crash)
     with pytest.raises(OSError, match="disk on fire"):
         index.save()
     old = ImageIndex.open(root, expected_fingerprint="fp-A")  # consistency checked on open

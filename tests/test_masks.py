@@ -234,3 +234,11 @@ def test_detect_keypoints_on_real_images():
         assert (kp[:, 0] <= width - 1).all() and (kp[:, 1] <= height - 1).all()
         mask = sift_mask(kp, (height, width), (height // 32, width // 32))
         assert 0.2 < kept_fraction(mask) < 1.0
+
+
+def test_sift_mask_without_computed_keypoints_is_an_error():
+    fmap = FeatureMap(np.ones((4, 3, 3), np.float32), (96, 96))  # keypoints never computed
+    with pytest.raises(ValueError, match="never computed"):
+        compute_mask("sift", fmap)
+    found_none = FeatureMap(np.ones((4, 3, 3), np.float32), (96, 96), np.zeros((0, 2)))
+    assert compute_mask("sift", found_none).all()  # computed, none found: every cell (SPEC 2)

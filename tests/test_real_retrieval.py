@@ -19,8 +19,10 @@ import pytest
 from conftest import data_dir, requires_weights
 
 from selret.encoding.encoder import Encoder, EncoderConfig
+from selret.evaluation.baselines import BaselineEncoder
+from selret.evaluation.data import prepare
 from selret.evaluation.datasets import load_benchmark
-from selret.evaluation.runs import BaselineEncoder, prepare, run
+from selret.evaluation.runs import run
 
 pytestmark = [pytest.mark.slow, requires_weights]
 

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
+
+import faiss
 import numpy as np
 import torch
 
-__all__ = ["l2_normalize"]
+__all__ = ["blas_brute_force", "l2_normalize"]
 
 
 def l2_normalize(x, axis: int = -1, eps: float = 1e-12):
@@ -21,3 +26,29 @@ def l2_normalize(x, axis: int = -1, eps: float = 1e-12):
         x = x.astype(np.float32)
     norm = np.linalg.norm(x, axis=axis, keepdims=True)
     return x / np.maximum(norm, eps).astype(x.dtype, copy=False)
+
+
+_BLAS_THRESHOLD = 20
+_blas_lock = threading.Lock()
+_blas_users = [0, 0]  # [blocks running, the value to restore]
+
+
+@contextlib.contextmanager
+def blas_brute_force() -> Iterator[None]:
+    """Inside the block, faiss's brute force uses BLAS from 20 queries on, for speed.
+
+    The setting is process-wide, so faiss calls of other threads see it meanwhile; nested and
+    concurrent blocks share one change, undone when the last of them ends.
+    """
+    with _blas_lock:
+        if not _blas_users[0]:
+            _blas_users[1] = faiss.cvar.distance_compute_blas_threshold
+            faiss.cvar.distance_compute_blas_threshold = min(_blas_users[1], _BLAS_THRESHOLD)
+        _blas_users[0] += 1
+    try:
+        yield
+    finally:
+        with _blas_lock:
+            _blas_users[0] -= 1
+            if not _blas_users[0]:
+                faiss.cvar.distance_compute_blas_threshold = _blas_users[1]

@@ -36,7 +36,7 @@ def demo(
     from selret.encoding.encoder import Encoder, EncoderConfig, SmallLearningSetWarning
     from selret.evaluation.demo_data import build_demo_dataset, learning_images
     from selret.evaluation.metrics import compute_map
-    from selret.features.maps import feature_maps_for
+    from selret.features.extractor import feature_maps_for
     from selret.search.engine import SearchEngine
 
     workdir = workdir.expanduser()
@@ -54,7 +54,6 @@ def demo(
         # 14 learning images < 640 rotation dimensions: expected here, said once below.
         warnings.simplefilter("ignore", SmallLearningSetWarning)
         encoder = Encoder(config).fit(learn_maps)
-    backbone = encoder.backbone()
     typer.echo(
         f"encoder: {encoder!r}; mask kept {100 * encoder.kept_fraction_:.0f}% of local features on the learning set"
     )
@@ -72,7 +71,7 @@ def demo(
 
     # Queries: encode with the same encoder (cached maps), rank the whole database.
     q_paths = [bench.query_path(q) for q in bench.queries]
-    q_maps = feature_maps_for(q_paths, config, cache, backbone=backbone, progress=False)
+    q_maps = engine.extractor().maps(q_paths, progress=False)
     q_vecs = encoder.encode_many(q_maps)
     position = {str(p): i for i, p in enumerate(db_paths)}
     hits = engine.index.search(q_vecs, len(engine.index))

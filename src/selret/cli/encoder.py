@@ -55,7 +55,7 @@ def fit(
 ) -> None:
     """Learn an encoder (PCA, codebook, whitening, rotation) on a held-out learning set."""
     from selret.encoding.encoder import Encoder
-    from selret.features.maps import feature_maps_for
+    from selret.features.extractor import feature_maps_for
     from selret.files import list_images
 
     config = config_from_options(preset, dict(
@@ -96,23 +96,24 @@ def encode(
     import numpy as np
 
     from selret.encoding.encoder import Encoder
-    from selret.features.maps import feature_maps_for
-    from selret.files import list_images
+    from selret.features.extractor import feature_maps_for
+    from selret.files import atomic_write, list_images
 
-    encoder = Encoder.load(encoder_path).to(device or "auto")  # the GPU when there is one
+    encoder = Encoder.load(encoder_path)
     paths = list_images(input)
     if not paths:
         raise typer.BadParameter(f"{input}: no images found", param_hint="INPUT")
     maps = feature_maps_for(paths, encoder.config, cache, device=device)
     _report_failures(maps.report)
-    vectors = encoder.encode_many(maps, progress=True)
+    # The GPU when there is one, for the per-feature stages too.
+    vectors = encoder.encode_many(maps, progress=True, device=device or "auto")
     out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(
-        out,
+    arrays = dict(
         vectors=vectors,
         paths=np.array([str(p) for p in maps.paths]),
         fingerprint=np.array(encoder.fingerprint),
     )
+    atomic_write(out, lambda fh: np.savez(fh, **arrays))
     typer.echo(f"encoded {len(vectors)} images into {vectors.shape[1]}-D vectors -> {out}")
 
 

@@ -107,8 +107,10 @@ def eval_(
     """Evaluate a method on a benchmark: mAP (and top-1, per group, N-S), report.json + report.md + contact.png."""
     from selret.encoding.encoder import Encoder
     from selret.errors import SelretError
+    from selret.evaluation.baselines import BaselineEncoder
+    from selret.evaluation.methods import as_method
     from selret.evaluation.plots import contact_sheet
-    from selret.evaluation.runs import BaselineEncoder, evaluate
+    from selret.evaluation.runs import evaluate
 
     if sum(x is not None for x in (encoder_path, baseline)) + (preset is not None) > 1:
         raise typer.BadParameter("give one of --encoder, --preset or --baseline")
@@ -124,7 +126,7 @@ def eval_(
             method = Encoder.load(encoder_path)
         elif baseline is not None:
             method = BaselineEncoder(
-                baseline, whiten=whiten, dim=dim, weights=weights or "vgg16-caffe",
+                baseline, whiten=whiten, n_components=dim, weights=weights or "vgg16-caffe",
                 layer=layer or "pool5", max_side=max_side or 1024,
             )  # fmt: skip
         else:
@@ -134,9 +136,7 @@ def eval_(
                 preset, dict(mask=mask, weights=weights, layer=layer, max_side=max_side, seed=seed)
             )
             method = Encoder(config)
-        needs_learn = (baseline is not None and whiten) or (
-            encoder_path is None and baseline is None
-        )
+        needs_learn = as_method(method).needs_fit
         if needs_learn and not learn:
             raise typer.BadParameter(
                 "this method learns parameters: give a held-out learning set with --learn"

@@ -48,6 +48,11 @@ def extract(
     max_side: int = typer.Option(
         1024, "--max-side", help="Longest side of the network input, in pixels."
     ),
+    upscale: bool = typer.Option(
+        True,
+        "--upscale/--no-upscale",
+        help="Enlarge images smaller than --max-side (the paper's protocol), or keep their size.",
+    ),
     batch_size: int = typer.Option(
         8, "--batch-size", help="Images of equal size per forward pass."
     ),
@@ -68,9 +73,8 @@ def extract(
     """
     # Heavy imports here, so that `selret --help` stays fast.
     from selret.errors import SelretError
-    from selret.features.backbones import load_backbone
     from selret.features.cache import FeatureCache
-    from selret.features.extract import DEFAULT_NUM_WORKERS, cache_id, extract_to_cache
+    from selret.features.extractor import DEFAULT_NUM_WORKERS, Extractor
     from selret.files import list_images
 
     try:
@@ -81,27 +85,24 @@ def extract(
     if not paths:
         typer.echo(f"error: {input}: no images found", err=True)
         raise typer.Exit(1)
+    extractor = Extractor(
+        weights, layer, max_side, upscale=upscale,
+        cache=FeatureCache(cache or default_cache_dir(), storage=storage.value),
+        device=device.value, dtype=dtype.value, batch_size=batch_size,
+        num_workers=DEFAULT_NUM_WORKERS if workers is None else workers,
+    )  # fmt: skip
     try:
-        backbone = load_backbone(weights, layer, device=device.value, dtype=dtype.value)
+        backbone = extractor.backbone
     except (SelretError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
-    feature_cache = FeatureCache(cache or default_cache_dir(), storage=storage.value)
+    size = f"max_side {max_side}" + ("" if upscale else ", no up-scaling")
     typer.echo(
-        f"{len(paths)} images -> {feature_cache.root} ({cache_id(backbone)}, max_side {max_side}, "
+        f"{len(paths)} images -> {extractor.cache.root} ({extractor.cache_id}, {size}, "
         f"{backbone.device}, {dtype.value})"
     )
     try:
-        report = extract_to_cache(
-            paths,
-            backbone,
-            feature_cache,
-            max_side=max_side,
-            batch_size=batch_size,
-            progress=progress,
-            log_path=log,
-            num_workers=DEFAULT_NUM_WORKERS if workers is None else workers,
-        )
+        report = extractor.extract(paths, progress=progress, log_path=log)
     except SelretError as exc:  # the cache cannot be written; finished entries are kept
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
@@ -111,7 +112,7 @@ def extract(
         typer.echo(f"  failed: {path}: {reason}")
     if log is not None and report.failed:
         typer.echo(f"failures appended to {log}")
-    example = _example_map(paths, report.failed, feature_cache, cache_id(backbone), max_side)
+    example = _example_map(paths, report.failed, extractor)
     if example is not None:
         path, fmap = example
         k, h, w = fmap.features.shape
@@ -123,12 +124,12 @@ def extract(
         raise typer.Exit(1)
 
 
-def _example_map(paths, failed, cache, config, max_side):
+def _example_map(paths, failed, extractor):
     """The first successfully cached (path, FeatureMap), for the summary."""
     bad = {p for p, _ in failed}
     for path in paths:
         if str(path) not in bad:
-            fmap = cache.get(cache.key(path, config, max_side))
+            fmap = extractor.cache.get(extractor.key(path))
             if fmap is not None:
                 return path, fmap
     return None

@@ -64,7 +64,7 @@ def build(
         encoder = Encoder.load(encoder_path)
     else:
         from selret.cli.encoder import config_from_options
-        from selret.features.maps import feature_maps_for
+        from selret.features.extractor import feature_maps_for
 
         config = config_from_options(preset, dict(mask=mask, max_side=max_side, weights=weights))
         maps = feature_maps_for(_images(learn), config, cache)

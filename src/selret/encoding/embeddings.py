@@ -1,8 +1,7 @@
 """Embeddings of pre-processed local features (SPEC section 4): T-emb, VLAD, FV, F-FAemb.
 
-Local features are rows of X (n, d), float32, unit norm (the output of ``LocalPCA``).
-Codebooks are rows: centroids / anchors C or B are (k, d) (the SPEC's d x k matrix B is the
-transpose of the anchors here).
+Local features are rows of X (n, d), float32, unit norm (the output of ``LocalPCA``); the
+codebooks (``selret.encoding.codebooks``) are rows too: centroids / anchors C or B are (k, d).
 
 Each embedding formula has exactly one implementation, in torch and vectorised over all n
 features (n x k x d broadcasts, which are the size of the output anyway). The public functions
@@ -15,17 +14,24 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable
-from typing import Any, NamedTuple
+from typing import Any
 
-import faiss
 import numpy as np
 import torch
-from sklearn.mixture import GaussianMixture
 
+from selret.encoding.codebooks import (
+    best_kmeans,
+    check_codebook,
+    check_gmm,
+    codebook_from_state,
+    codebook_state,
+    fit_gmm,
+    kmeans,
+)
 from selret.encoding.preprocessing import (
     Array,
     State,
-    check_fitted,
+    check_is_fitted,
     check_matrix,
     eigh_descending,
     iter_row_chunks,
@@ -45,15 +51,13 @@ _EPS = 1e-12
 
 def _as_tensor(A: Any, like: torch.Tensor | None = None) -> torch.Tensor:
     """``A`` as a float tensor: on ``like``'s device and dtype if given, else float32/float64."""
-    if isinstance(A, torch.Tensor):
-        t = A
-    else:
+    if not isinstance(A, torch.Tensor):
         A = np.asarray(A)
         # torch warns on read-only buffers (e.g. np.load mmap); copying is cheap next to the work
-        t = torch.from_numpy(A if A.flags.writeable else A.copy())
+        A = torch.from_numpy(A if A.flags.writeable else A.copy())
     if like is not None:
-        return t.to(device=like.device, dtype=like.dtype)
-    return t if t.dtype == torch.float64 else t.float()
+        return A.to(device=like.device, dtype=like.dtype)
+    return A if A.dtype == torch.float64 else A.float()
 
 
 def _numpy_or_torch(fn: Callable[..., torch.Tensor]) -> Callable[..., Array]:
@@ -71,89 +75,6 @@ def _numpy_or_torch(fn: Callable[..., torch.Tensor]) -> Callable[..., Array]:
     return wrapper
 
 
-def _check_codebook(X: torch.Tensor, C: torch.Tensor, name: str) -> None:
-    check_matrix(X, "X")
-    check_matrix(C, name)
-    if C.shape[1] != X.shape[1]:
-        raise ValueError(
-            f"{name} has dimension {C.shape[1]} but the local features have {X.shape[1]}"
-        )
-
-
-# --------------------------------------------------------------------------- codebooks
-
-
-def kmeans(
-    X: np.ndarray,
-    k: int,
-    n_iter: int = 100,
-    n_restarts: int = 2,
-    seed: int = 0,
-    max_points_per_centroid: int | None = None,
-) -> np.ndarray:
-    """k-means centroids (k, d) float32 of the rows of X (faiss, Lloyd iterations).
-
-    Runs ``n_restarts`` times from seeded random initialisations and keeps the run with the
-    lowest quantisation error (faiss ``nredo``); one seed gives identical centroids. All rows
-    are used unless ``max_points_per_centroid`` is set, in which case faiss trains on a seeded
-    random subsample of ``k * max_points_per_centroid`` rows.
-    """
-    X = np.ascontiguousarray(X, dtype=np.float32)
-    check_matrix(X)
-    n, d = X.shape
-    if not 1 <= k <= n:
-        raise ValueError(f"k={k} must be between 1 and the number of training rows n={n}")
-    if n_iter < 1 or n_restarts < 1:
-        raise ValueError(f"n_iter={n_iter} and n_restarts={n_restarts} must be >= 1")
-    km = faiss.Kmeans(
-        d,
-        k,
-        niter=n_iter,
-        nredo=n_restarts,
-        seed=seed,
-        verbose=False,
-        # faiss subsamples to 256 points per centroid by default; the reference uses every row
-        max_points_per_centroid=max_points_per_centroid or n // k + 1,
-        # and warns below 39 points per centroid, which small codebook tests trip
-        min_points_per_centroid=1,
-    )
-    km.train(X)
-    return np.ascontiguousarray(km.centroids, dtype=np.float32)
-
-
-class DiagonalGMM(NamedTuple):
-    """Diagonal Gaussian mixture: ``weights`` (k,), ``means`` (k, d), ``variances`` (k, d)."""
-
-    weights: np.ndarray
-    means: np.ndarray
-    variances: np.ndarray
-
-
-def fit_gmm(
-    X: np.ndarray, k: int, seed: int = 0, n_iter: int = 100, reg_covar: float = 1e-6
-) -> DiagonalGMM:
-    """Diagonal-covariance GMM of the rows of X by EM (scikit-learn, k-means initialisation).
-
-    ``reg_covar`` is added to every variance, keeping them positive for the Fisher vector.
-    """
-    X = np.asarray(X, dtype=np.float32)
-    check_matrix(X)
-    if not 1 <= k <= X.shape[0]:
-        raise ValueError(f"k={k} must be between 1 and the number of training rows n={X.shape[0]}")
-    gmm = GaussianMixture(
-        n_components=k,
-        covariance_type="diag",
-        max_iter=n_iter,
-        reg_covar=reg_covar,
-        random_state=seed,
-    ).fit(X)
-    return DiagonalGMM(
-        gmm.weights_.astype(np.float32),
-        gmm.means_.astype(np.float32),
-        gmm.covariances_.astype(np.float32),
-    )
-
-
 # --------------------------------------------------------------------------- embeddings
 
 
@@ -164,7 +85,7 @@ def temb(X: Array, C: Array) -> Array:
     Blocks follow the centroid order. Raw embedding: the mean subtraction and whitening of
     SPEC 4 are ``EmbeddingWhitener``'s job.
     """
-    _check_codebook(X, C, "C")
+    check_codebook(X, C, "C")
     R = l2_normalize(X[:, None, :] - C[None, :, :], eps=_EPS)
     return R.reshape(X.shape[0], -1)
 
@@ -175,7 +96,7 @@ def vlad(X: Array, C: Array) -> Array:
 
     Ties go to the lowest centroid index.
     """
-    _check_codebook(X, C, "C")
+    check_codebook(X, C, "C")
     n, d = X.shape
     residuals = X[:, None, :] - C[None, :, :]
     # distances from the explicit residuals, not |x|^2 - 2x.c + |c|^2, so near-ties are exact
@@ -194,15 +115,8 @@ def _standardise(
     Posteriors come from log-sum-exp (softmax) of the log joint densities, stable for features
     far from every Gaussian, where the densities themselves underflow.
     """
-    _check_codebook(X, means, "means")
-    k, d = means.shape
-    if weights.shape != (k,) or variances.shape != (k, d):
-        raise ValueError(
-            f"GMM parameters disagree: weights {tuple(weights.shape)}, means {(k, d)}, "
-            f"variances {tuple(variances.shape)}"
-        )
-    if bool((weights <= 0).any()) or bool((variances <= 0).any()):
-        raise ValueError("GMM weights and variances must be positive")
+    check_codebook(X, means, "means")
+    check_gmm(weights, means, variances)
     Z = (X[:, None, :] - means) / variances.sqrt()
     # the (2 pi)^(-d/2) factor is common to every Gaussian and cancels in the softmax
     log_joint = torch.log(weights) - 0.5 * torch.log(variances).sum(dim=1) - 0.5 * (Z**2).sum(2)
@@ -240,7 +154,7 @@ def faemb_coefficients(X: Array, B: Array, mu: float = 1e-2) -> Array:
     M = (G + A mu I)^-1, nu = (1^T M B x - 1) / (1^T M 1) is the Lagrange multiplier of the
     constraint and gamma = M (B x - nu 1), so 1^T gamma = 1 exactly.
     """
-    _check_codebook(X, B, "B")
+    check_codebook(X, B, "B")
     if mu <= 0:
         raise ValueError(f"mu={mu} must be positive")
     # k x k systems are cheap and ill-conditioned when anchors are close: solve in float64
@@ -315,9 +229,6 @@ class EmbeddingWhitener:
     def __init__(self, n_clamped: int = 33, max_block_elements: int = 1 << 22):
         self.n_clamped = n_clamped
         self.max_block_elements = max_block_elements
-        self.mean_: np.ndarray | None = None
-        self.eigenvalues_: np.ndarray | None = None
-        self.projection_: np.ndarray | None = None
 
     def fit(self, Phi: Any) -> EmbeddingWhitener:
         """Learn from (N, D) embeddings (any row-sliceable 2-D array)."""
@@ -348,32 +259,22 @@ class EmbeddingWhitener:
         to copy to the GPU on every call. The cache holds the source arrays, so a refit or a
         reassignment (a new array object) invalidates it."""
         sources = (self.mean_, self.projection_)
+        key = (like.device, like.dtype, *map(id, sources))
         cache = getattr(self, "_device_cache", None)
-        stale = (
-            cache is None
-            or cache["device"] != like.device
-            or cache["dtype"] != like.dtype
-            or any(a is not b for a, b in zip(cache["sources"], sources, strict=True))
-        )
-        if stale:
-            cache = {
-                "device": like.device,
-                "dtype": like.dtype,
-                "sources": sources,
-                "tensors": tuple(_as_tensor(a, like=like) for a in sources),
-            }
-            self._device_cache = cache
-        return cache["tensors"]
+        if cache is None or cache[0] != key:
+            # holding the sources keeps their ids from being reused while the cache lives
+            self._device_cache = cache = (key, sources, [_as_tensor(a, like=like) for a in sources])
+        return cache[2]
 
     @property
     def clamped_eigenvalues_(self) -> np.ndarray:
         """The eigenvalues actually used for scaling: 1 / squared column norms of projection_."""
-        check_fitted(self, "projection_")
+        check_is_fitted(self, "projection_")
         return 1.0 / (self.projection_.astype(np.float64) ** 2).sum(axis=0)
 
     def transform(self, Phi: Array) -> Array:
         """(n, D) whitened embeddings ``(Phi - mean_) @ projection_``; numpy or torch."""
-        check_fitted(self, "mean_", "projection_")
+        check_is_fitted(self, "mean_", "projection_")
         check_matrix(Phi, "Phi", n_cols=self.mean_.size)
         if isinstance(Phi, torch.Tensor):
             Phi = _as_tensor(Phi)
@@ -383,7 +284,7 @@ class EmbeddingWhitener:
         return (Phi - self.mean_) @ self.projection_
 
     def get_state(self) -> State:
-        check_fitted(self, "mean_", "projection_")
+        check_is_fitted(self, "mean_", "projection_")
         return {
             "n_clamped": int(self.n_clamped),
             "mean": self.mean_,
@@ -442,10 +343,6 @@ class Embedder:
         normalize_after_whitening: bool = True,
         max_whitening_samples: int | None = 200_000,
     ):
-        if kind not in KINDS:
-            raise ValueError(f"unknown embedding kind {kind!r}; expected one of {KINDS}")
-        if k < 1:
-            raise ValueError(f"k={k} must be >= 1")
         self.kind = kind
         self.k = k
         self.seed = seed
@@ -453,19 +350,26 @@ class Embedder:
         self.n_restarts = n_restarts
         self.faemb_restarts = faemb_restarts
         self.mu = mu
-        self.whiten = kind in ("temb", "faemb") if whiten is None else bool(whiten)
-        self.n_clamped = (129 if kind == "faemb" else 33) if n_clamped is None else n_clamped
+        self.whiten = whiten
+        self.n_clamped = n_clamped
         self.normalize_after_whitening = normalize_after_whitening
         self.max_whitening_samples = max_whitening_samples
-        self.n_features_in_: int | None = None
-        self.codebook_: np.ndarray | None = None
-        self.gmm_: DiagonalGMM | None = None
-        self.whitener_: EmbeddingWhitener | None = None
+
+    # Constructor parameters are stored as given (None = the paper's choice for the kind).
+    @property
+    def whitens(self) -> bool:
+        """Whether embeddings are whitened: ``whiten``, or by default for T-emb and F-FAemb."""
+        return self.kind in ("temb", "faemb") if self.whiten is None else bool(self.whiten)
+
+    @property
+    def clamped(self) -> int:
+        """Eigenvalues clamped by the whitening: ``n_clamped``, or 129 (F-FAemb) / 33 (others)."""
+        return (129 if self.kind == "faemb" else 33) if self.n_clamped is None else self.n_clamped
 
     @property
     def output_dim(self) -> int:
         """Dimension of one embedded feature (fitted): temb/vlad k*d, fv 2*k*d, faemb k*d(d+1)/2."""
-        check_fitted(self, "n_features_in_")
+        check_is_fitted(self, "n_features_in_")
         return embedding_dim(self.kind, self.k, self.n_features_in_)
 
     def _sample_rows(self, n: int) -> np.ndarray:
@@ -480,6 +384,10 @@ class Embedder:
         ``device`` (e.g. ``"cuda"``) is where the training embeddings and their covariance
         are computed; k-means and the GMM run on the CPU.
         """
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown embedding kind {self.kind!r}; expected one of {KINDS}")
+        if self.k < 1:
+            raise ValueError(f"k={self.k} must be >= 1")
         if isinstance(X, torch.Tensor):
             X = X.detach().cpu().numpy()
         X = np.ascontiguousarray(X, dtype=np.float32)
@@ -488,35 +396,34 @@ class Embedder:
         if n < self.k:
             raise ValueError(f"k={self.k} needs at least k training features, got n={n}")
         sample_t = torch.from_numpy(X[self._sample_rows(n)]).to(device or "cpu")
-        self.n_features_in_ = self.codebook_ = self.gmm_ = self.whitener_ = None
+        self.codebook_ = self.gmm_ = self.whitener_ = None
         if self.kind == "fv":
             self.gmm_ = fit_gmm(X, self.k, seed=self.seed, n_iter=self.n_iter)
         elif self.kind == "faemb":
-            candidates = [
-                kmeans(X, self.k, self.n_iter, n_restarts=1, seed=self.seed + t)
-                for t in range(self.faemb_restarts)
-            ]
             # the objective is a sum over features: score in blocks of ~4M n*k*d entries
             blocks = list(iter_row_chunks(sample_t, (1 << 22) // self.k))
-            scores = [
-                sum(float(faemb_objective(b, B, mu=self.mu)) for b in blocks) for B in candidates
-            ]
-            self.codebook_ = candidates[int(np.argmin(scores))]
+
+            def objective(B: np.ndarray) -> float:
+                return sum(float(faemb_objective(b, B, mu=self.mu)) for b in blocks)
+
+            self.codebook_ = best_kmeans(
+                X, self.k, objective, self.n_iter, self.faemb_restarts, seed=self.seed
+            )
         else:
             self.codebook_ = kmeans(X, self.k, self.n_iter, self.n_restarts, seed=self.seed)
         self.n_features_in_ = d
-        if self.whiten:
+        if self.whitens:
             # the embedded sample is D times wider than X: stream it in blocks into the whitener
             chunks = (
                 self.embed(block)
                 for block in iter_row_chunks(sample_t, (1 << 22) * d // self.output_dim)
             )
-            self.whitener_ = EmbeddingWhitener(self.n_clamped).fit_chunks(chunks)
+            self.whitener_ = EmbeddingWhitener(self.clamped).fit_chunks(chunks)
         return self
 
     def embed(self, X: Array) -> Array:
         """Raw (un-whitened) embedding (n, output_dim) of (n, d) features; numpy or torch."""
-        check_fitted(self, "n_features_in_")
+        check_is_fitted(self, "n_features_in_")
         check_matrix(X, n_cols=self.n_features_in_)
         if self.kind == "temb":
             return temb(X, self.codebook_)
@@ -529,7 +436,7 @@ class Embedder:
     def transform(self, X: Array) -> Array:
         """(n, output_dim) embedded (and, if configured, whitened and l2-normalised) features."""
         Phi = self.embed(X)
-        if not self.whiten:
+        if not self.whitens:
             return Phi
         Phi = self.whitener_.transform(Phi)
         return l2_normalize(Phi) if self.normalize_after_whitening else Phi
@@ -538,7 +445,8 @@ class Embedder:
         return self.fit(X).transform(X)
 
     def get_state(self) -> State:
-        check_fitted(self, "n_features_in_")
+        check_is_fitted(self, "n_features_in_")
+        max_samples = self.max_whitening_samples
         state: State = {
             "kind": self.kind,
             "k": int(self.k),
@@ -547,19 +455,14 @@ class Embedder:
             "n_restarts": int(self.n_restarts),
             "faemb_restarts": int(self.faemb_restarts),
             "mu": float(self.mu),
-            "whiten": int(self.whiten),
-            "n_clamped": int(self.n_clamped),
+            "whiten": int(self.whitens),
+            "n_clamped": int(self.clamped),
             "normalize_after_whitening": int(self.normalize_after_whitening),
             # npz/JSON have no None: -1 means "use every row"
-            "max_whitening_samples": -1
-            if self.max_whitening_samples is None
-            else int(self.max_whitening_samples),
+            "max_whitening_samples": -1 if max_samples is None else int(max_samples),
             "n_features_in": int(self.n_features_in_),
         }
-        if self.gmm_ is not None:
-            state |= {f"gmm.{name}": value for name, value in self.gmm_._asdict().items()}
-        else:
-            state["codebook"] = self.codebook_
+        state |= codebook_state(self.codebook_ if self.gmm_ is None else self.gmm_)
         if self.whitener_ is not None:
             state |= {f"whitener.{key}": v for key, v in self.whitener_.get_state().items()}
         return state
@@ -581,17 +484,10 @@ class Embedder:
             max_whitening_samples=None if max_samples < 0 else max_samples,
         )
         emb.n_features_in_ = int(state["n_features_in"])
-        if emb.kind == "fv":
-            emb.gmm_ = DiagonalGMM(
-                *(np.asarray(state[f"gmm.{name}"], np.float32) for name in DiagonalGMM._fields)
-            )
-            shape = emb.gmm_.means.shape
-        else:
-            emb.codebook_ = np.asarray(state["codebook"], dtype=np.float32)
-            shape = emb.codebook_.shape
-        if shape != (emb.k, emb.n_features_in_):
-            raise ValueError(f"inconsistent Embedder state: codebook {shape}, k={emb.k}")
-        if emb.whiten:
+        codebook = codebook_from_state(state, emb.kind == "fv", (emb.k, emb.n_features_in_))
+        emb.gmm_, emb.codebook_ = (codebook, None) if emb.kind == "fv" else (None, codebook)
+        emb.whitener_ = None
+        if emb.whitens:
             prefix = "whitener."
             emb.whitener_ = EmbeddingWhitener.from_state(
                 {key[len(prefix) :]: v for key, v in state.items() if key.startswith(prefix)}

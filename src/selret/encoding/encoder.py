@@ -28,11 +28,11 @@ from selret.encoding.aggregation import AGGREGATIONS, aggregate
 from selret.encoding.embeddings import KINDS as EMBEDDINGS
 from selret.encoding.embeddings import Embedder, embedding_dim
 from selret.encoding.masks import MASKS, compute_mask
+from selret.encoding.persistence import EncoderFileError, read_encoder, write_encoder
 from selret.encoding.postprocessing import Rotation, l2_normalize, postprocess
-from selret.encoding.preprocessing import LocalPCA
+from selret.encoding.preprocessing import LocalPCA, check_is_fitted
 from selret.encoding.presets import DEFAULT_PRESET, preset
 from selret.features import FeatureMap
-from selret.files import atomic_write
 
 ROTATIONS = ("rotation", "whitening", "none")
 
@@ -41,7 +41,6 @@ class SmallLearningSetWarning(UserWarning):
     """The learning set has fewer images than the rotation has dimensions."""
 
 
-FORMAT_VERSION = 1
 
 
 @dataclass
@@ -132,6 +131,16 @@ class EncoderConfig:
         return cls(**data)
 
 
+def encoding_device(device) -> torch.device | None:
+    """Where :meth:`Encoder.encode` runs its per-feature stages: None (numpy on the CPU) for None,
+    or for 'auto' on a machine without a GPU; otherwise that torch device."""
+    if device is None:
+        return None
+    if str(device) == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else None
+    return torch.device(device)
+
+
 MapSource = Sequence[FeatureMap] | Callable[[], Iterable[FeatureMap]]
 
 
@@ -148,47 +157,29 @@ class Encoder:
     learning set).
     """
 
-    def __init__(self, config: EncoderConfig | None = None, **overrides):
-        if config is None:
-            config = EncoderConfig(**overrides)
-        elif overrides:
-            config = dataclasses.replace(config, **overrides)
+    def __init__(self, config: EncoderConfig | None = None):
         self.config = config
-        self.pca_: LocalPCA | None = None
-        self.embedder_: Embedder | None = None
-        self.rotation_: Rotation | None = None
-        self.n_train_images_ = 0
-        self.n_train_features_ = 0
-        self.kept_fraction_ = float("nan")
-        self.device: torch.device | None = None
-        self._backbone = None
 
-    def to(self, device: str | torch.device | None) -> Encoder:
-        """Run encoding on ``device`` ('cuda', 'cpu', 'auto' or None for plain numpy on the CPU).
-
-        On a device the local features go through PCA, embedding, whitening and aggregation as
-        torch tensors (the stage functions accept either); the D-dim result comes back for the
-        post-processing. Results agree with the numpy path to float32 rounding.
-        """
-        if device is not None:
-            from selret.features.backbones import resolve_device
-
-            auto = str(device) == "auto"
-            device = resolve_device(device)
-            if auto and device.type == "cpu":
-                device = None  # "auto" without a GPU: the plain numpy path
-        self.device = device
-        return self
+    @classmethod
+    def from_params(cls, config: EncoderConfig | None = None, **overrides) -> Encoder:
+        """An unfitted encoder of ``config`` (default: ``EncoderConfig()``) with fields replaced."""
+        config = config or EncoderConfig()
+        return cls(dataclasses.replace(config, **overrides) if overrides else config)
 
     # ------------------------------------------------------------------ stages
 
     @property
+    def _cfg(self) -> EncoderConfig:
+        # The constructor only stores its argument (scikit-learn convention); None means defaults.
+        return self.config if self.config is not None else EncoderConfig()
+
+    @property
     def dim(self) -> int:
-        return self.config.dim
+        return self._cfg.dim
 
     def select(self, fmap: FeatureMap) -> np.ndarray:
         """(n, K) local features the mask keeps."""
-        return fmap.local_features(compute_mask(self.config.mask, fmap))
+        return fmap.local_features(compute_mask(self._cfg.mask, fmap))
 
     # ------------------------------------------------------------------ learning
 
@@ -198,7 +189,7 @@ class Encoder:
         ``maps`` is a sequence of FeatureMap, or a callable returning a fresh iterable of them (it is
         read twice: the maps of a large learning set need not fit in memory).
         """
-        c = self.config
+        c = self._cfg
         rng = np.random.default_rng(c.seed)
         # Pass 1: the masked local features of every learning image (PCA'd later, so the d-dim
         # copies are what stays in memory).
@@ -251,13 +242,15 @@ class Encoder:
                 [self._aggregate_reduced(r) for r in _tqdm(reduced, progress, "fit: rotation")]
             )
             self.rotation_ = Rotation(whiten=c.rotation == "whitening").fit(l2_normalize(psi))
+        else:
+            self.rotation_ = None
         self.n_train_images_ = len(selected)
         self.n_train_features_ = int(total)
         self.kept_fraction_ = float(np.mean(fractions))
         return self
 
     def _aggregate_reduced(self, reduced: np.ndarray) -> np.ndarray:
-        c = self.config
+        c = self._cfg
         phi = self.embedder_.transform(reduced)
         if c.aggregation == "democratic":
             return aggregate("democratic", phi, gamma=c.democratic_gamma, n_iter=c.democratic_iters)
@@ -265,16 +258,13 @@ class Encoder:
 
     # ------------------------------------------------------------------ encoding
 
-    def _check_fitted(self) -> None:
-        if self.pca_ is None or self.embedder_ is None:
-            raise RuntimeError("this Encoder is not fitted: call fit() or Encoder.load()")
-
-    def aggregate(self, fmap: FeatureMap) -> np.ndarray:
+    def aggregate(self, fmap: FeatureMap, device=None) -> np.ndarray:
         """The aggregated embedding (before post-processing) of one feature map, float32."""
-        self._check_fitted()
+        check_is_fitted(self, "pca_", "embedder_", "rotation_")
         local = self.select(fmap)
-        if self.device is not None:
-            local = torch.from_numpy(local).to(self.device)
+        device = encoding_device(device)
+        if device is not None:  # PCA, embedding and aggregation as torch tensors there
+            local = torch.from_numpy(local).to(device)
         psi = self._aggregate_reduced(self.pca_.transform(local))
         if isinstance(psi, torch.Tensor):
             psi = psi.float().cpu().numpy()
@@ -282,16 +272,19 @@ class Encoder:
 
     def postprocess(self, psi: np.ndarray) -> np.ndarray:
         """Final (D,) vector from an aggregated (D_emb,) embedding: l2, rotation, drop, power law, l2."""
-        c = self.config
+        c = self._cfg
         return np.asarray(
             postprocess(psi, self.rotation_, c.effective_drop, c.alpha), dtype=np.float32
         )
 
-    def encode(self, fmap: FeatureMap) -> np.ndarray:
-        """The (D,) float32 unit-norm vector of one feature map."""
-        return self.postprocess(self.aggregate(fmap))
+    def encode(self, fmap: FeatureMap, device=None) -> np.ndarray:
+        """The (D,) float32 unit-norm vector of one feature map. With ``device`` (a torch device
+        or 'cuda') the per-feature stages run there; results agree to float32 rounding."""
+        return self.postprocess(self.aggregate(fmap, device))
 
-    def encode_many(self, maps: Iterable[FeatureMap], progress: bool = False) -> np.ndarray:
+    def encode_many(
+        self, maps: Iterable[FeatureMap], progress: bool = False, device=None
+    ) -> np.ndarray:
         """(N, D) float32 vectors of ``maps``, each bit-identical to ``encode`` of that map.
 
         Deliberately one image at a time: a batched rotation (matrix-matrix product) rounds
@@ -299,49 +292,13 @@ class Encoder:
         (few learning images, SPEC 6's completed basis) that rounding is all a vector holds, so an
         indexed image would no longer find itself when queried alone.
         """
-        vecs = [self.encode(f) for f in _tqdm(maps, progress, "encode")]
+        vecs = [self.encode(f, device) for f in _tqdm(maps, progress, "encode")]
         return np.stack(vecs) if vecs else np.zeros((0, self.dim), np.float32)
-
-    # ------------------------------------------------------------------ images
-
-    def backbone(self, device: str | None = None):
-        """The backbone this encoder's maps come from (loaded once, lazily)."""
-        if self._backbone is None:
-            from selret.features.backbones import load_backbone
-
-            self._backbone = load_backbone(
-                self.config.weights, self.config.layer, device=device or self.device
-            )
-        return self._backbone
-
-    def feature_map(
-        self, source, bbox=None, rotation: int = 0, name: str | None = None
-    ) -> FeatureMap:
-        """Conv map (with SIFT keypoints) of one image path or bytes, prepared as this config says."""
-        from selret.features.io import prepare_image
-        from selret.features.keypoints import detect_keypoints
-
-        prepared = prepare_image(
-            source, max_side=self.config.max_side, bbox=bbox, rotation=rotation, name=name
-        )
-        features = self.backbone().forward_maps(prepared.rgb[None])[0]
-        keypoints = (
-            detect_keypoints(prepared.rgb)
-            if self.config.mask == "sift"
-            else np.zeros((0, 2), np.float32)
-        )
-        return FeatureMap(features, prepared.rgb.shape[:2], keypoints)
-
-    def encode_image(
-        self, source, bbox=None, rotation: int = 0, name: str | None = None
-    ) -> np.ndarray:
-        """The vector of one image file or its bytes (query crop ``bbox`` as in SPEC section 1)."""
-        return self.encode(self.feature_map(source, bbox=bbox, rotation=rotation, name=name))
 
     # ------------------------------------------------------------------ persistence
 
     def get_state(self) -> dict[str, np.ndarray | int | float | str]:
-        self._check_fitted()
+        check_is_fitted(self, "pca_", "embedder_", "rotation_")
         state: dict = {}
         state |= {f"pca.{k}": v for k, v in self.pca_.get_state().items()}
         state |= {f"embedder.{k}": v for k, v in self.embedder_.get_state().items()}
@@ -355,7 +312,9 @@ class Encoder:
     @property
     def fingerprint(self) -> str:
         """sha1 of the config and every learned array: equal fingerprints encode identically."""
-        digest = hashlib.sha1(json.dumps(self.config.to_dict(), sort_keys=True).encode())
+        # The preset label is a name, not a setting: two encoders learned alike are the same encoder.
+        settings = {k: v for k, v in self._cfg.to_dict().items() if k != "preset"}
+        digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode())
         for key, value in sorted(self.get_state().items()):
             digest.update(key.encode())
             arr = np.asarray(value)
@@ -363,59 +322,43 @@ class Encoder:
             digest.update(np.ascontiguousarray(arr).tobytes())
         return digest.hexdigest()
 
-    def save(self, path: str | Path) -> Path:
-        """Write config + learned arrays to one ``.npz`` (atomically). Scalars and strings go to a
-        JSON header; arrays are stored as they are, so a reload encodes bit-identically."""
-        path = Path(path)
-        arrays, scalars = {}, {}
-        for key, value in self.get_state().items():
-            if isinstance(value, np.ndarray):
-                arrays[key] = value
-            else:
-                scalars[key] = value.item() if isinstance(value, np.generic) else value
-        header = {
-            "format": "selret-encoder",
-            "format_version": FORMAT_VERSION,
-            "selret_version": __version__,
-            "config": self.config.to_dict(),
-            "scalars": scalars,
-        }
-        arrays["__header__"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda fh: np.savez(fh, **arrays))
-        return path
+    def save(
+        self, path: str | Path, precision: str = "float32", provenance: dict | None = None
+    ) -> Path:
+        """Write config + learned arrays to one ``.npz`` (atomically; see
+        :mod:`selret.encoding.persistence`). At float32 a reload encodes bit-identically;
+        ``precision="float16"`` halves the file. ``provenance`` goes to the header as it is."""
+        header = {"selret_version": __version__, "config": self._cfg.to_dict()}
+        return write_encoder(path, header, self.get_state(), precision, provenance)
 
     @classmethod
     def load(cls, path: str | Path) -> Encoder:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: encoder file not found")
+        """The encoder saved at ``path``; raises EncoderFileError naming the file and the reason."""
+        header, state = read_encoder(path)
         try:
-            with np.load(path, allow_pickle=False) as data:
-                arrays = {k: data[k] for k in data.files}
-            header = json.loads(arrays.pop("__header__").tobytes().decode())
-        except Exception as exc:
-            raise ValueError(f"{path}: not a selret encoder file ({exc})") from exc
-        if header.get("format") != "selret-encoder":
-            raise ValueError(f"{path}: not a selret encoder file")
-        if header["format_version"] > FORMAT_VERSION:
-            raise ValueError(
-                f"{path}: encoder format {header['format_version']} is newer than this selret"
-            )
-        state = arrays | header["scalars"]
-        enc = cls(EncoderConfig.from_dict(header["config"]))
-        enc.pca_ = LocalPCA.from_state(_sub(state, "pca."))
-        enc.embedder_ = Embedder.from_state(_sub(state, "embedder."))
-        rotation = _sub(state, "rotation.")
-        enc.rotation_ = Rotation.from_state(rotation) if rotation else None
-        enc.n_train_images_ = int(state["n_train_images"])
-        enc.n_train_features_ = int(state["n_train_features"])
-        enc.kept_fraction_ = float(state["kept_fraction"])
+            enc = cls(EncoderConfig.from_dict(header["config"]))
+            enc.pca_ = LocalPCA.from_state(_sub(state, "pca."))
+            enc.embedder_ = Embedder.from_state(_sub(state, "embedder."))
+            rotation = _sub(state, "rotation.")
+            enc.rotation_ = Rotation.from_state(rotation) if rotation else None
+            enc.n_train_images_ = int(state["n_train_images"])
+            enc.n_train_features_ = int(state["n_train_features"])
+            enc.kept_fraction_ = float(state["kept_fraction"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise EncoderFileError(path, f"inconsistent encoder file ({exc!r})") from None
+        enc.provenance_ = header.get("provenance")
         return enc
 
+    @classmethod
+    def pretrained(cls, name: str) -> Encoder:
+        """A pre-trained encoder shipped with selret (``selret encoders`` lists them)."""
+        from selret.encoding.pretrained import load_pretrained
+
+        return load_pretrained(name)
+
     def __repr__(self) -> str:
-        c = self.config
-        fitted = "fitted" if self.pca_ is not None else "not fitted"
+        c = self._cfg
+        fitted = "fitted" if hasattr(self, "pca_") else "not fitted"
         return (
             f"Encoder({c.mask}-mask, {c.embedding} d={c.d} k={c.k}, {c.aggregation}, "
             f"{c.rotation}, D={c.dim}, {fitted})"
@@ -434,4 +377,4 @@ def _tqdm(iterable, progress: bool, desc: str):
     return tqdm(iterable, desc=desc, unit="img")
 
 
-__all__ = ["Encoder", "EncoderConfig", "ROTATIONS", "SmallLearningSetWarning"]
+__all__ = ["Encoder", "EncoderConfig", "ROTATIONS", "SmallLearningSetWarning", "encoding_device"]

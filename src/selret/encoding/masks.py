@@ -97,6 +97,12 @@ def none_mask(features: np.ndarray) -> np.ndarray:
 def compute_mask(kind: str, fmap: FeatureMap) -> np.ndarray:
     """The (H, W) bool mask named ``kind`` (one of ``MASKS``) of one image's feature map."""
     if kind == "sift":
+        if fmap.keypoints is None:
+            # Keeping every cell here would silently turn the SIFT-mask into no mask at all.
+            raise ValueError(
+                "the SIFT-mask needs the map's SIFT keypoints, which were never computed for it "
+                "(extract it with keypoints, e.g. through selret.features.extractor.Extractor)"
+            )
         return sift_mask(fmap.keypoints, fmap.image_size, fmap.grid_shape)
     if kind == "sum":
         return sum_mask(fmap.features)

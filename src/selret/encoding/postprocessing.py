@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.linalg
 
+from selret.encoding.preprocessing import check_is_fitted
 from selret.numerics import l2_normalize
 
 
@@ -57,8 +58,8 @@ class Rotation:
     """
 
     def __init__(self, whiten: bool = False, eps: float = 1e-9):
-        self.whiten = bool(whiten)
-        self.eps = float(eps)
+        self.whiten = whiten
+        self.eps = eps
 
     def fit(self, x: np.ndarray) -> Rotation:
         """Learn the mean and the rotation from training vectors ``x`` (N, D), N >= 2."""
@@ -106,7 +107,7 @@ class Rotation:
 
     def transform(self, x: np.ndarray) -> np.ndarray:
         """Rotated (and, with ``whiten``, scaled) vectors: ``x`` (..., D) -> (..., D)."""
-        self._check_fitted()
+        check_is_fitted(self, "P_")
         x = np.asarray(x)
         if x.shape[-1:] != self.mean_.shape:
             raise ValueError(
@@ -118,16 +119,12 @@ class Rotation:
     def fit_transform(self, x: np.ndarray) -> np.ndarray:
         return self.fit(x).transform(x)
 
-    def _check_fitted(self) -> None:
-        if not hasattr(self, "P_"):
-            raise RuntimeError("Rotation is not fitted: call fit() or from_state() first")
-
     def get_state(self) -> dict[str, np.ndarray | int | float | str]:
         """Parameters and learned state as arrays and scalars (for one npz + JSON file)."""
-        self._check_fitted()
+        check_is_fitted(self, "P_")
         return {
-            "whiten": int(self.whiten),
-            "eps": self.eps,
+            "whiten": int(bool(self.whiten)),
+            "eps": float(self.eps),
             "mean": self.mean_,
             "P": self.P_,
             "explained_variance": self.explained_variance_,

@@ -22,10 +22,22 @@ State = dict[str, np.ndarray | int | float | str]
 DEFAULT_BLOCK_ELEMENTS = 1 << 22
 
 
-def check_fitted(estimator: Any, *attributes: str) -> None:
-    """Raise ``RuntimeError`` naming the estimator unless every learned attribute is set."""
-    if any(getattr(estimator, name, None) is None for name in attributes):
-        raise RuntimeError(f"{type(estimator).__name__} is not fitted yet; call fit() first")
+class NotFittedError(RuntimeError):
+    """An estimator was used before ``fit`` (or ``from_state`` / ``load``)."""
+
+
+def check_is_fitted(estimator: Any, *attributes: str) -> None:
+    """Raise NotFittedError naming the estimator unless every learned attribute exists.
+
+    Learned attributes (trailing underscore) are created by ``fit`` only, so their presence is
+    what "fitted" means; a learned value may legitimately be None (an encoder without rotation).
+    """
+    missing = [name for name in attributes if not hasattr(estimator, name)]
+    if missing:
+        raise NotFittedError(
+            f"this {type(estimator).__name__} is not fitted yet (no {', '.join(missing)}); "
+            "call fit() first"
+        )
 
 
 def check_matrix(X: Any, name: str = "X", n_cols: int | None = None) -> None:
@@ -116,9 +128,6 @@ class LocalPCA:
         self.d = d
         self.seed = seed
         self.max_block_elements = max_block_elements
-        self.mean_: np.ndarray | None = None
-        self.components_: np.ndarray | None = None
-        self.explained_variance_: np.ndarray | None = None
 
     def fit(self, X: Any) -> LocalPCA:
         """Learn mean and components from (n, K) local features (any row-sliceable 2-D array)."""
@@ -135,7 +144,7 @@ class LocalPCA:
 
     def transform(self, X: Array) -> Array:
         """(n, d) unit rows ``l2normalize((X - mean_) @ components_)``; numpy or torch in and out."""
-        check_fitted(self, "mean_", "components_")
+        check_is_fitted(self, "mean_", "components_")
         check_matrix(X, n_cols=self.mean_.size)
         if isinstance(X, torch.Tensor):
             X = X.float() if not X.is_floating_point() else X
@@ -149,7 +158,7 @@ class LocalPCA:
         return self.fit(X).transform(np.asarray(X))
 
     def get_state(self) -> State:
-        check_fitted(self, "mean_", "components_")
+        check_is_fitted(self, "mean_", "components_")
         return {
             "d": int(self.d),
             "seed": int(self.seed),

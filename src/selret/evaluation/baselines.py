@@ -4,6 +4,8 @@ Each function takes one (K, H, W) conv map (numpy array, torch tensor or
 :class:`selret.features.FeatureMap`) and returns a (K,) float32 l2-normalised vector.
 :class:`PCAWhitening` is the optional learned post-processing (PCA-whitening, dimension
 reduction, l2) that the original papers apply after pooling; fit it on a held-out set.
+:class:`BaselineEncoder` is a baseline (+ optional whitening) as a
+:class:`selret.evaluation.methods.Method`, for evaluation runs.
 """
 
 from __future__ import annotations
@@ -13,8 +15,11 @@ from collections.abc import Callable
 
 import numpy as np
 
-from selret.encoding.postprocessing import Rotation, l2_normalize
+from selret.encoding.postprocessing import Rotation
+from selret.encoding.preprocessing import check_is_fitted
+from selret.evaluation.methods import FitSummary, describe_method
 from selret.features import FeatureMap
+from selret.numerics import l2_normalize
 
 # Epsilon of cirtorch's per-region l2 (v / (||v|| + eps)) and GeM clamp.
 EPS = 1e-6
@@ -189,23 +194,21 @@ class PCAWhitening:
     """
 
     def __init__(self, dim: int | None = None, eps: float = 1e-9):
-        if dim is not None and dim < 1:
-            raise ValueError(f"dim must be >= 1 or None, got {dim}")
         self.dim = dim
-        self.eps = float(eps)
-        self.rotation_: Rotation | None = None
+        self.eps = eps
 
     def fit(self, X: np.ndarray) -> PCAWhitening:
+        if self.dim is not None and self.dim < 1:
+            raise ValueError(f"dim must be >= 1 or None, got {self.dim}")
         X = np.asarray(X, dtype=np.float64)
         if X.ndim == 2 and self.dim is not None and self.dim > X.shape[1]:
             raise ValueError(f"dim={self.dim} exceeds the vector dimension {X.shape[1]}")
-        self.rotation_ = Rotation(whiten=True, eps=self.eps).fit(X)
+        self.rotation_ = Rotation(whiten=True, eps=float(self.eps)).fit(X)
         return self
 
     def transform(self, X: np.ndarray, normalize: bool = True) -> np.ndarray:
         """(N, dim) or (dim,) float32 whitened vectors; l2-normalised unless ``normalize=False``."""
-        if self.rotation_ is None:
-            raise RuntimeError("PCAWhitening is not fitted: call fit() or from_state() first")
+        check_is_fitted(self, "rotation_")
         out = self.rotation_.transform(np.asarray(X, dtype=np.float64))[..., : self.dim]
         return (l2_normalize(out) if normalize else out).astype(np.float32)
 
@@ -213,8 +216,7 @@ class PCAWhitening:
         return self.fit(X).transform(X)
 
     def get_state(self) -> dict[str, np.ndarray | int | float | str]:
-        if self.rotation_ is None:
-            raise RuntimeError("PCAWhitening is not fitted")
+        check_is_fitted(self, "rotation_")
         state = {f"rotation.{k}": v for k, v in self.rotation_.get_state().items()}
         return {"dim": 0 if self.dim is None else int(self.dim), **state}
 
@@ -228,3 +230,93 @@ class PCAWhitening:
         )
         white.eps = white.rotation_.eps
         return white
+
+
+class BaselineEncoder:
+    """A baseline global descriptor (SPoC, MAC, GeM, R-MAC, CroW) as a
+    :class:`~selret.evaluation.methods.Method`.
+
+    ``fit(maps)`` learns the optional :class:`PCAWhitening` (``whiten``) on a held-out set; without
+    it there is nothing to learn. ``n_components`` is the whitened dimension (None: the channels
+    K, capped at N - 1 learning images, the components whitening can learn). ``params`` go to the
+    baseline function (e.g. ``centering=False`` for plain sum pooling). ``weights`` / ``layer`` /
+    ``max_side`` say which conv maps it takes; ``label`` names it in reports.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        whiten: bool = False,
+        n_components: int | None = None,
+        weights: str = "vgg16-caffe",
+        layer: str = "pool5",
+        max_side: int = 1024,
+        label: str | None = None,
+        **params,
+    ):
+        self.name = name
+        self.whiten = whiten
+        self.n_components = n_components
+        self.weights = weights
+        self.layer = layer
+        self.max_side = max_side
+        self.label = label
+        self.params = params
+
+    @property
+    def kind(self) -> str:
+        """The baseline's key in :data:`BASELINES`."""
+        key = self.name.lower()
+        if key not in BASELINES:
+            raise ValueError(f"unknown baseline {self.name!r}; known: {', '.join(BASELINES)}")
+        return key
+
+    @property
+    def needs_fit(self) -> bool:
+        return bool(self.whiten) and not hasattr(self, "whitening_")
+
+    @property
+    def dim(self) -> int | None:
+        """Output dimension: the whitened one once fitted, else None (the maps' channel count)."""
+        return getattr(self, "n_components_", None)
+
+    def pool(self, fmap: FeatureMap) -> np.ndarray:
+        """The (K,) l2-normalised baseline vector of one map, before any whitening."""
+        return compute_baseline(self.kind, fmap, **self.params)
+
+    def fit(self, maps, progress: bool = False) -> BaselineEncoder:
+        if not self.whiten:
+            return self
+        X = np.stack([self.pool(f) for f in maps])
+        if len(X) < 2:
+            raise ValueError("PCA-whitening needs at least 2 learning images")
+        n = self.n_components if self.n_components is not None else min(X.shape[1], len(X) - 1)
+        self.whitening_ = PCAWhitening(dim=n).fit(X)
+        self.n_components_ = n
+        self.n_train_images_ = len(X)
+        return self
+
+    def encode(self, fmap: FeatureMap) -> np.ndarray:
+        v = self.pool(fmap)
+        if not self.whiten:
+            return v
+        check_is_fitted(self, "whitening_")
+        return self.whitening_.transform(v)
+
+    def encode_many(self, maps, progress: bool = False) -> np.ndarray:
+        vecs = [self.encode(f) for f in maps]
+        return np.stack(vecs) if vecs else np.zeros((0, self.dim or 0), np.float32)
+
+    def describe(self) -> dict:
+        label = self.label or self.kind + ("+PCAw" if self.whiten else "")
+        whitening = "PCA-whitening" if self.whiten else "none"
+        return describe_method(
+            label, weights=self.weights, layer=self.layer, max_side=self.max_side,
+            embedding=self.kind, whitening=whitening,
+        )  # fmt: skip
+
+    def fit_summary(self) -> FitSummary:
+        return FitSummary(getattr(self, "n_train_images_", 0), {}, [])
+
+    def __repr__(self) -> str:
+        return f"BaselineEncoder({self.describe()['method']!r}, D={self.dim})"

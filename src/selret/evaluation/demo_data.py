@@ -152,7 +152,7 @@ def build_demo_dataset(root: str | Path):
     for name in LEARNING:
         _write(root / f"learning/{name}.jpg", load_photo(name))
     (root / "learning.txt").write_text("".join(f"learning/{n}.jpg\n" for n in LEARNING))
-    bench = RetrievalBenchmark("selret-demo", root, db_images, queries, protocol="near-duplicates")
+    bench = RetrievalBenchmark("selret-demo", root, db_images, queries, protocol="standard")
     write_gnd(bench, gnd_path)
     return bench
 

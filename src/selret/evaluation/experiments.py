@@ -20,12 +20,10 @@ extracts each (layer, image size) once and shares the maps between the runs of t
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
-import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,35 +31,34 @@ import numpy as np
 
 from selret.encoding.encoder import Encoder, EncoderConfig
 from selret.encoding.masks import MASKS, compute_mask
-from selret.encoding.postprocessing import l2_normalize, power_law
+from selret.encoding.postprocessing import power_law
 from selret.encoding.presets import COMPARISON_4224
-from selret.evaluation.datasets import RetrievalBenchmark
+from selret.evaluation.baselines import BaselineEncoder
+from selret.evaluation.data import EvalData, prepare
+from selret.evaluation.datasets import NS_SCORE, RetrievalBenchmark
+from selret.evaluation.experiment_results import ExperimentResult
+from selret.evaluation.learning import image_paths, source_name
 from selret.evaluation.metrics import rank_by_inner_product
-from selret.evaluation.runs import (
-    BaselineEncoder,
-    EvalData,
-    EvalReport,
-    encode_data,
-    image_paths,
-    markdown_table,
-    prepare,
-    run,
-    score,
-    source_name,
-)
+from selret.evaluation.report import EvalReport, json_float
+from selret.evaluation.runs import encode_data, run
+from selret.evaluation.scoring import score
 from selret.files import file_digest
+from selret.numerics import l2_normalize
 
-# Paper Table 3: framework -> EncoderConfig fields (the 4224-D settings of Table 2).
+# Paper Table 3: framework -> EncoderConfig fields, at the 4224-D (d, k) of Table 2.
+_FRAMEWORK_STAGES = (
+    ("FV+avg", "fv", "average"),
+    ("FV+demo", "fv", "democratic"),
+    ("VLAD+sum", "vlad", "sum"),
+    ("VLAD+demo", "vlad", "democratic"),
+    ("T-emb+demo", "temb", "democratic"),
+    ("F-FAemb+demo", "faemb", "democratic"),
+)
 FRAMEWORKS: dict[str, dict] = {
-    "FV+avg": {"embedding": "fv", "aggregation": "average"},
-    "FV+demo": {"embedding": "fv", "aggregation": "democratic"},
-    "VLAD+sum": {"embedding": "vlad", "aggregation": "sum"},
-    "VLAD+demo": {"embedding": "vlad", "aggregation": "democratic"},
-    "T-emb+demo": {"embedding": "temb", "aggregation": "democratic"},
-    "F-FAemb+demo": {"embedding": "faemb", "aggregation": "democratic"},
-}
-for _fields in FRAMEWORKS.values():
-    _fields["d"], _fields["k"] = COMPARISON_4224[_fields["embedding"]]
+    label: {"embedding": emb, "aggregation": agg, "d": COMPARISON_4224[emb][0],
+            "k": COMPARISON_4224[emb][1]}
+    for label, emb, agg in _FRAMEWORK_STAGES
+}  # fmt: skip
 
 DIM_PRESETS = ("temb-demo-512", "temb-demo-1024", "temb-demo-2048", "temb-demo-4096")
 ALPHAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
@@ -69,7 +66,6 @@ LAYERS = ("conv4_1", "conv4_2", "conv4_3", "conv5_1", "conv5_2", "conv5_3", "poo
 BASELINE_NAMES = ("spoc", "mac", "gem", "rmac", "crow")
 # Histogram of local-feature correlations (cosine similarities lie in [-1, 1]).
 CORRELATION_BINS = 100
-MD_MAX_GROUPS = 8
 
 
 @dataclass
@@ -185,92 +181,14 @@ def make_setup(
 # --------------------------------------------------------------------------- results
 
 
-PERCENT_COLUMNS = ("mAP", "top-1", "kept %", "kept sd", "mean corr")
-
-
-def _cell(column: str, value) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    if column in PERCENT_COLUMNS:
-        return f"{100 * value:.1f}"
-    if isinstance(value, float):
-        return f"{value:.2f}"
-    return str(value)
-
-
-@dataclass
-class ExperimentResult:
-    """Rows of one experiment (fractions in [0, 1]), the columns to show, and the setup."""
-
-    name: str
-    title: str
-    columns: list[str]
-    rows: list[dict]
-    setup: dict
-    extra: dict = field(default_factory=dict)
-    seconds: float = 0.0
-
-    def to_markdown(self) -> str:
-        s = self.setup
-        learn = s["learning_set"]
-        head = (
-            f"### {self.title}\n\n{s['dataset']} ({s['protocol']}: {s['n_db']} database images, "
-            f"{s['n_queries']} queries); VGG16 {s['weights']} {s['layer']}, longest side "
-            f"{s['max_side']} px; learning set: {learn['name']} ({learn['n_images']} images).\n\n"
-        )
-        shown = [{c: _cell(c, r.get(c)) for c in self.columns} for r in self.rows]
-        body = markdown_table(shown, self.columns)
-        groups = [r for r in self.rows if r.get("per_group")]
-        # A table of more groups than this is too wide to read; the JSON keeps them all.
-        if groups and len(groups[0]["per_group"]) <= MD_MAX_GROUPS:
-            names = list(groups[0]["per_group"])
-            keys = [c for c in ("method", "framework", "mask", "D") if c in self.columns]
-            extra = [
-                {**{c: _cell(c, r.get(c)) for c in keys},
-                 **{g: f"{_cell('mAP', r['per_group'][g]['map'])} / {_cell('mAP', r['per_group'][g]['top1'])}" for g in names}}
-                for r in groups
-            ]  # fmt: skip
-            body += "\nPer group, mAP / top-1:\n\n" + markdown_table(extra, keys + names)
-        return head + body
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def save(self, out_dir: str | Path) -> list[Path]:
-        """Write ``<name>.json``, ``<name>.md`` and the figure ``<name>.png`` into ``out_dir``."""
-        from selret.evaluation.plots import plot_experiment
-
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        js, md, png = (out / f"{self.name}.{ext}" for ext in ("json", "md", "png"))
-        js.write_text(json.dumps(self.to_dict(), indent=1, default=_json_default), encoding="utf-8")
-        md.write_text(self.to_markdown(), encoding="utf-8")
-        plot_experiment(self, png)
-        return [js, md, png]
-
-
-def _json_default(x):
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    if isinstance(x, Path):
-        return str(x)
-    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
-
-
-def _nan_to_none(x):
-    return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
-
-
 def _row(report: EvalReport, **keys) -> dict:
     """A result row: ``keys`` then the report's figures."""
     learn = report.learning_set
     return {
         **keys,
         "D": report.dim,
-        "mAP": _nan_to_none(report.map),
-        "top-1": _nan_to_none(report.top1),
+        "mAP": json_float(report.map),
+        "top-1": json_float(report.top1),
         "N-S": report.ns_score,
         "kept %": report.kept_fraction,
         "learned comps": learn.get("rotation_components"),
@@ -281,10 +199,8 @@ def _row(report: EvalReport, **keys) -> dict:
 
 
 def _metric_columns(setup: Setup) -> list[str]:
-    cols = ["D", "mAP", "top-1"]
-    if setup.benchmark.name == "ukbench":
-        cols.append("N-S")
-    return cols
+    ns = NS_SCORE in setup.benchmark.metrics
+    return ["D", "mAP", "top-1"] + (["N-S"] if ns else [])
 
 
 def _result(
@@ -293,6 +209,43 @@ def _result(
     return ExperimentResult(
         name, title, list(columns), rows, setup.describe(), extra, time.perf_counter() - start
     )
+
+
+# --------------------------------------------------------------------------- the grid
+
+
+def grid(
+    setup: Setup,
+    varied: str,
+    values: Mapping[object, Mapping],
+    masks: Sequence[str],
+    preset: str | None = None,
+    mask_major: bool = False,
+) -> list[dict]:
+    """One encoder run per (value of the ``varied`` parameter, mask), one result row each.
+
+    ``values`` maps each value, as its row shows it in the ``varied`` column, to the EncoderConfig
+    fields it sets; a ``preset`` entry picks the preset (default ``preset``). Each run is labelled
+    with its preset, or with the value when there is none. Rows go value by value, each with every
+    mask, or mask by mask with ``mask_major``.
+    """
+    pairs = [(v, m) for m in masks for v in values] if mask_major else [
+        (v, m) for v in values for m in masks
+    ]  # fmt: skip
+    rows = []
+    for value, mask in pairs:
+        fields = dict(values[value])
+        name = fields.pop("preset", preset)
+        report = setup.run_encoder(
+            setup.config(name, mask=mask, **fields), label=name or str(value)
+        )
+        rows.append(_row(report, **{varied: value, "mask": mask}))
+    return rows
+
+
+def _each(field_name: str, values: Sequence) -> dict:
+    """``{value: {field_name: value}}``: a grid over one config field (or ``preset``)."""
+    return {v: {field_name: v} for v in values}
 
 
 # --------------------------------------------------------------------------- experiments
@@ -307,20 +260,10 @@ def frameworks(
     settings; pass smaller d, k for a quick run).
     """
     start = time.perf_counter()
-    rows = []
-    for label, fields in (frameworks or FRAMEWORKS).items():
-        for mask in masks:
-            report = setup.run_encoder(setup.config(**fields, mask=mask), label=label)
-            rows.append(_row(report, framework=label, mask=mask))
+    rows = grid(setup, "framework", frameworks or FRAMEWORKS, masks)
     cols = ["framework", "mask", *_metric_columns(setup), "fit s"]
-    return _result(
-        "frameworks",
-        "Embedding and aggregation frameworks x masks (paper Table 3)",
-        setup,
-        cols,
-        rows,
-        start,
-    )
+    title = "Embedding and aggregation frameworks x masks (paper Table 3)"
+    return _result("frameworks", title, setup, cols, rows, start)
 
 
 def dimensions(
@@ -334,15 +277,10 @@ def dimensions(
     (at most N - 1); below d * k, the rotation basis was completed (SPEC 6).
     """
     start = time.perf_counter()
-    rows = []
-    for mask in masks:
-        for name in presets:
-            report = setup.run_encoder(setup.config(name, mask=mask), label=name)
-            rows.append(_row(report, preset=name, mask=mask))
+    rows = grid(setup, "preset", _each("preset", presets), masks, mask_major=True)
     cols = ["mask", "preset", *_metric_columns(setup), "learned comps", "fit s"]
-    return _result(
-        "dims", "mAP against the final dimension D (paper Figure 4)", setup, cols, rows, start
-    )
+    title = "mAP against the final dimension D (paper Figure 4)"
+    return _result("dims", title, setup, cols, rows, start)
 
 
 def image_sizes(
@@ -353,13 +291,7 @@ def image_sizes(
 ) -> ExperimentResult:
     """Paper Table 5: the longest image side (each size is extracted on its own)."""
     start = time.perf_counter()
-    rows = []
-    for size in sizes:
-        for mask in masks:
-            report = setup.run_encoder(
-                setup.config(preset, mask=mask, max_side=int(size)), label=preset
-            )
-            rows.append(_row(report, size=int(size), mask=mask))
+    rows = grid(setup, "size", _each("max_side", [int(s) for s in sizes]), masks, preset)
     cols = ["size", "mask", *_metric_columns(setup), "kept %"]
     return _result("image-size", f"Image size ({preset}; paper Table 5)", setup, cols, rows, start)
 
@@ -372,20 +304,10 @@ def layers(
 ) -> ExperimentResult:
     """Paper Figure 5: which VGG16 layer the local features come from (extracted per layer)."""
     start = time.perf_counter()
-    rows = []
-    for layer in layers:
-        for mask in masks:
-            report = setup.run_encoder(setup.config(preset, mask=mask, layer=layer), label=preset)
-            rows.append(_row(report, layer=layer, mask=mask))
+    rows = grid(setup, "layer", _each("layer", layers), masks, preset)
     cols = ["layer", "mask", *_metric_columns(setup), "kept %"]
-    return _result(
-        "layers",
-        f"Layer of the local features ({preset}; paper Figure 5)",
-        setup,
-        cols,
-        rows,
-        start,
-    )
+    title = f"Layer of the local features ({preset}; paper Figure 5)"
+    return _result("layers", title, setup, cols, rows, start)
 
 
 def alphas(
@@ -415,14 +337,13 @@ def alphas(
             )
             m = score(setup.benchmark, ranks)
             rows.append({
-                "mask": mask, "alpha": float(a), "D": encoder.dim, "mAP": _nan_to_none(m["map"]),
-                "top-1": _nan_to_none(m["top1"]), "N-S": m["ns_score"], "kept %": kept,
+                "mask": mask, "alpha": float(a), "D": encoder.dim, "mAP": json_float(m["map"]),
+                "top-1": json_float(m["top1"]), "N-S": m["ns_score"], "kept %": kept,
                 "fit s": round(fit_s, 1),
             })  # fmt: skip
     cols = ["mask", "alpha", *_metric_columns(setup)]
-    return _result(
-        "alpha", f"Power-law exponent alpha ({preset}; paper Figure 3)", setup, cols, rows, start
-    )
+    title = f"Power-law exponent alpha ({preset}; paper Figure 3)"
+    return _result("alpha", title, setup, cols, rows, start)
 
 
 def feature_correlations(fmap, mask: np.ndarray, bins: np.ndarray) -> tuple[np.ndarray, float, int]:
@@ -472,6 +393,12 @@ def masks(
     )  # fmt: skip
 
 
+def _method_name(preset: str, mask: str) -> str:
+    """How Table 6 names the method: ``MAX-mask T-emb+demo`` for T-emb presets, else the preset."""
+    temb = EncoderConfig.from_preset(preset).embedding == "temb"
+    return f"{mask.upper()}-mask T-emb+demo" if temb else preset
+
+
 def baselines(
     setup: Setup,
     baselines: Sequence[str] = BASELINE_NAMES,
@@ -487,28 +414,12 @@ def baselines(
         for w in whiten:
             report = setup.run_baseline(name, whiten=w)
             rows.append(_row(report, method=report.label, mask="-"))
-    for name in presets:
-        for mask in masks:
-            config = setup.config(name, mask=mask)
-            report = setup.run_encoder(config, label=name)
-            rows.append(
-                _row(
-                    report,
-                    method=f"{mask.upper()}-mask T-emb+demo"
-                    if config.embedding == "temb"
-                    else name,
-                    mask=mask,
-                )
-            )
+    for row in grid(setup, "preset", _each("preset", presets), masks):
+        method = _method_name(row.pop("preset"), row["mask"])
+        rows.append({"method": method, **row})
     cols = ["method", "mask", *_metric_columns(setup), "kept %", "learned comps"]
-    return _result(
-        "baselines",
-        "Comparison with the baselines on the same conv maps (paper Table 6)",
-        setup,
-        cols,
-        rows,
-        start,
-    )
+    title = "Comparison with the baselines on the same conv maps (paper Table 6)"
+    return _result("baselines", title, setup, cols, rows, start)
 
 
 EXPERIMENTS = {
@@ -536,6 +447,7 @@ __all__ = [
     "feature_correlations",
     "fit_key",
     "frameworks",
+    "grid",
     "image_sizes",
     "layers",
     "make_setup",

@@ -218,6 +218,15 @@ def topk_accuracy(
     return float(np.mean(hits)) if hits else float("nan")
 
 
+def relevant_in_top(ranks: np.ndarray, relevant: Sequence[Sequence[int]], k: int = 4) -> float:
+    """Mean number of ``relevant[q]`` database indices among the top ``k`` of query ``q``'s ranking
+    (nothing removed). With ``k = 4`` and each query's object group, itself included, this is
+    UKBench's N-S score (0..4)."""
+    ranks = _as_ranks(ranks, len(relevant))
+    hits = [np.isin(ranks[:k, q], np.asarray(r, np.int64)).sum() for q, r in enumerate(relevant)]
+    return float(np.mean(hits)) if hits else float("nan")
+
+
 def ukbench_ns_score(
     ranks: np.ndarray, groups: Sequence[int] | np.ndarray, query_groups: Sequence[int] | None = None
 ) -> float:
@@ -228,9 +237,7 @@ def ukbench_ns_score(
     """
     groups = np.asarray(groups).reshape(-1)
     query_groups = groups if query_groups is None else np.asarray(query_groups).reshape(-1)
-    ranks = _as_ranks(ranks, len(query_groups))
-    top4 = groups[ranks[:4]]  # (4, n_q) group ids of the top-4 results
-    return float((top4 == query_groups[None, :]).sum(axis=0).mean())
+    return relevant_in_top(ranks, [np.flatnonzero(groups == g) for g in query_groups], 4)
 
 
 def mean_by_group(values: Sequence[float] | np.ndarray, labels: Sequence[str]) -> dict[str, float]:

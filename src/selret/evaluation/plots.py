@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from selret.files import atomic_write
+
 POSITIVE = (0, 170, 0)
 NEGATIVE = (220, 30, 30)
 JUNK = (150, 150, 150)
@@ -85,9 +87,10 @@ def contact_sheet(
     k = min(k, ranks.shape[0])
     fig = _figure(1.6 * (k + 1), 1.9 * max(len(queries), 1))
     axes = np.atleast_2d(fig.subplots(max(len(queries), 1), k + 1, squeeze=False))
+    gnd = benchmark.gnd()  # positives and junk under the benchmark's protocol
     for row, qi in enumerate(queries):
         q = benchmark.queries[qi]
-        positives, junk = set(q.positives), set(q.junk)
+        positives, junk = set(gnd[qi]["ok"]), set(gnd[qi]["junk"])
         qimg = thumbnail(benchmark.query_path(q), size, q.bbox, benchmark.rotation(q.image))
         title = q.name if aps is None or aps[qi] is None else f"{q.name}\nAP {100 * aps[qi]:.1f}"
         _show(axes[row, 0], with_border(qimg, QUERY), title)
@@ -102,9 +105,14 @@ def contact_sheet(
                 with_border(img, colour),
                 f"{j + 1}. {Path(benchmark.db_images[idx]).stem}",
             )
+    return _save(fig, path)
+
+
+def _save(fig, path: str | Path) -> Path:
+    """Write ``fig`` as a PNG at ``path``, atomically (a crash never leaves half an image)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    atomic_write(path, lambda fh: fig.savefig(fh, format="png"))
     return path
 
 
@@ -238,10 +246,7 @@ def plot_experiment(result, path: str | Path) -> Path:
         f"{result.title}\n{s['dataset']} ({s['protocol']}), learning set {s['learning_set']['name']}",
         fontsize=9,
     )
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
+    return _save(fig, path)
 
 
 __all__ = ["contact_sheet", "pick_queries", "plot_experiment", "thumbnail", "with_border"]

@@ -146,16 +146,15 @@ class FeatureCache:
         with np.load(path, allow_pickle=False) as data:
             features = data["features"]
             image_size = data["image_size"]
-            keypoints = data["keypoints"]
+            keypoints = data["keypoints"] if "keypoints" in data.files else None
         if (
             features.ndim != 3
             or image_size.shape != (2,)
-            or keypoints.ndim != 2
-            or keypoints.shape[1] != 2
+            or (keypoints is not None and (keypoints.ndim != 2 or keypoints.shape[1] != 2))
         ):
             raise CacheError(
                 f"{path}: inconsistent entry (features {features.shape}, image_size "
-                f"{image_size.shape}, keypoints {keypoints.shape})"
+                f"{image_size.shape}, keypoints {None if keypoints is None else keypoints.shape})"
             )
         return FeatureMap(features.astype(np.float32), tuple(image_size.tolist()), keypoints)
 
@@ -164,16 +163,13 @@ class FeatureCache:
         path = self.entry_path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         self._write_manifest(key)
-        storage = _STORAGE_DTYPES[self.storage]
-        atomic_write(
-            path,
-            lambda fh: np.savez(
-                fh,
-                features=np.asarray(fmap.features, dtype=storage),
-                image_size=np.asarray(fmap.image_size, dtype=np.int64),
-                keypoints=np.asarray(fmap.keypoints, dtype=np.float32).reshape(-1, 2),
-            ),
-        )
+        arrays = {
+            "features": np.asarray(fmap.features, dtype=_STORAGE_DTYPES[self.storage]),
+            "image_size": np.asarray(fmap.image_size, dtype=np.int64),
+        }
+        if fmap.keypoints is not None:  # absent = never computed, as in the FeatureMap
+            arrays["keypoints"] = np.asarray(fmap.keypoints, dtype=np.float32).reshape(-1, 2)
+        atomic_write(path, lambda fh: np.savez(fh, **arrays))
 
     def discard(self, key: str) -> None:
         """Remove entry ``key`` if present."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -14,18 +14,20 @@ class FeatureMap:
     ``features`` is (K, H, W) float32: K channels on an H x W grid; each grid cell is a K-dim local
     feature. ``image_size`` is the (height, width) of the network-input image, needed to map SIFT
     keypoints onto the grid. ``keypoints`` are (N, 2) float32 (x, y) SIFT keypoint positions in
-    network-input pixels, stored with the map so that the SIFT-mask needs no image.
+    network-input pixels, stored with the map so that the SIFT-mask needs no image; None when they
+    were never computed (an empty array means "computed, none found").
     """
 
     features: np.ndarray
     image_size: tuple[int, int]
-    keypoints: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.float32))
+    keypoints: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.features = np.asarray(self.features, dtype=np.float32)
         if self.features.ndim != 3:
             raise ValueError(f"features must be (K, H, W), got shape {self.features.shape}")
-        self.keypoints = np.asarray(self.keypoints, dtype=np.float32).reshape(-1, 2)
+        if self.keypoints is not None:
+            self.keypoints = np.asarray(self.keypoints, dtype=np.float32).reshape(-1, 2)
         self.image_size = (int(self.image_size[0]), int(self.image_size[1]))
 
     @property

@@ -1,2 +1,7 @@
-"""Stage 3, vectors -> ranked results: the vector index, the persistent image store, sharded
-search, query expansion and the ``SearchEngine`` (an encoder plus its index)."""
+"""Stage 3, vectors -> ranked results.
+
+``vectors`` (``VectorIndex``: faiss exact / HNSW / IVF-PQ) on ``kernels`` (batch-independent brute
+force); ``expansion`` (average query expansion); ``hits`` (``SearchHit``); ``store`` (``ImageIndex``,
+the persistent index and its catalog); ``sharded`` (``ShardedSearch``); ``engine`` (``SearchEngine``:
+an encoder plus its index).
+"""

@@ -20,9 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from selret.encoding.encoder import Encoder
+from selret.features.extractor import Extractor
 from selret.features.io import image_size
-from selret.features.maps import feature_maps_for
-from selret.search.index import ImageIndex, SearchHit
+from selret.search.hits import SearchHit
+from selret.search.store import ImageIndex
 
 ENCODER_FILE = "encoder.npz"
 INDEX_DIR = "index"
@@ -52,6 +53,18 @@ class SearchEngine:
         self.encoder = encoder
         self.index = index
         self.cache_dir = cache_dir
+        self._extractor: Extractor | None = None
+
+    def extractor(self, device: str | None = None) -> Extractor:
+        """The extractor of the encoder's backbone and image size (loaded once, on first use)."""
+        if self._extractor is None:
+            self._extractor = Extractor.for_config(
+                self.encoder.config,
+                cache=self.cache_dir,
+                device=device,
+                keypoints=self.encoder.config.mask == "sift",  # SIFT costs as much as a query
+            )
+        return self._extractor
 
     @classmethod
     def create(
@@ -100,13 +113,7 @@ class SearchEngine:
         todo = self.index.missing(keys)
         report = AddReport(skipped=len(keys) - len(todo))
         if todo:
-            maps = feature_maps_for(
-                todo,
-                self.encoder.config,
-                self.cache_dir,
-                backbone=self._backbone(device),
-                progress=progress,
-            )
+            maps = self.extractor(device).maps(todo, progress=progress)
             report.failed = [(str(p), r) for p, r in maps.report.failed]
             if len(maps):
                 vectors = self.encoder.encode_many(maps, progress=progress)
@@ -123,9 +130,6 @@ class SearchEngine:
         n = self.index.remove(items)
         self.index.save()
         return n
-
-    def _backbone(self, device: str | None = None):
-        return self.encoder.backbone(device)
 
     # ------------------------------------------------------------------ searching
 
@@ -145,7 +149,8 @@ class SearchEngine:
         name: str | None = None,
     ) -> list[SearchHit]:
         """Top-``k`` indexed images for a query image file or its bytes (``bbox`` crops the query)."""
-        vector = self.encoder.encode_image(source, bbox=bbox, name=name)
+        fmap = self.extractor().feature_map(source, bbox=bbox, name=name)
+        vector = self.encoder.encode(fmap)
         return self.search_vector(vector, k, query_expansion)
 
     def info(self) -> dict:

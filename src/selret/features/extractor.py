@@ -1,0 +1,526 @@
+"""The one front door from images to conv feature maps: :class:`Extractor`.
+
+An ``Extractor`` holds what a map depends on (weights, layer, image size policy) and the machinery
+around the network: the backbone (loaded once, lazily), SIFT keypoints, the feature cache and its
+keys, threaded decoding ahead of the network, and batching that splits a failed batch to find the
+image at fault. The CLI, the encoder's image front end, the search engine, the server and the Ray
+pipeline all go through it, so an image gives the same map whichever door it came in by.
+
+Batch extraction (:meth:`Extractor.extract`) skips images already cached, writes each result as soon
+as its batch finishes (a killed run loses at most the batch in flight), and records a bad image
+(report, optional JSONL log) without stopping. A corrupt cache entry counts as missing and is
+extracted again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Literal
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from selret.errors import CacheError, ImageError
+from selret.features.cache import FeatureCache
+from selret.features.featuremap import FeatureMap
+from selret.features.io import PreparedImage, image_size, prepare_image
+from selret.features.keypoints import detect_keypoints
+from selret.files import default_cache_dir
+
+__all__ = [
+    "DEFAULT_NUM_WORKERS", "ExtractionReport", "Extractor", "FeatureMaps", "cache_id",
+    "feature_maps_for",
+]  # fmt: skip
+
+logger = logging.getLogger(__name__)
+
+#: Decoding threads: enough to keep a CPU or GPU forward pass fed without starving it of cores.
+DEFAULT_NUM_WORKERS = min(4, os.cpu_count() or 1)
+
+# Decoded images waiting for a batch partner of the same size; beyond this many (times batch_size)
+# the largest group is run even if incomplete, which bounds memory when sizes vary a lot.
+_PENDING_BATCHES = 4
+
+# What a bad image may raise while it is decoded and prepared. Anything else is a bug and must
+# surface, not be filed as "this image failed".
+_DECODE_ERRORS = (ImageError, OSError, ValueError)
+
+
+@dataclass
+class ExtractionReport:
+    """Outcome of one :meth:`Extractor.extract` run.
+
+    ``n_cached`` counts images skipped because their features were already cached (or that repeat an
+    earlier path of the same run). ``failed`` lists ``(path, reason)`` of images that could not be
+    used; ``reason`` starts with the error type. ``seconds`` is the wall-clock time of the run.
+    """
+
+    n_total: int = 0
+    n_extracted: int = 0
+    n_cached: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def n_failed(self) -> int:
+        return len(self.failed)
+
+    def summary(self) -> str:
+        rate = self.n_extracted / self.seconds if self.seconds > 0 else 0.0
+        return (
+            f"{self.n_total} images: {self.n_extracted} extracted, {self.n_cached} already cached, "
+            f"{self.n_failed} failed, in {self.seconds:.1f} s ({rate:.2f} images/s extracted)"
+        )
+
+
+def cache_id(backbone) -> str:
+    """What the maps of ``backbone`` depend on, as used in cache keys: ``Backbone.id``, plus
+    ``@<dtype>`` when the network runs below float32 (half-precision maps differ from fp32 ones)."""
+    dtype = str(getattr(backbone, "dtype", "float32")).removeprefix("torch.")
+    return backbone.id if dtype == "float32" else f"{backbone.id}@{dtype}"
+
+
+@dataclass
+class _Job:
+    index: int
+    path: Path
+    bbox: Sequence[float] | None
+    rotation: int
+    key: str = ""
+
+
+class Extractor:
+    """Images -> :class:`FeatureMap` records, with the backbone, keypoints and cache in one place.
+
+    ``max_side`` is the network input's longest side. With ``upscale=False`` an image smaller than
+    that keeps its own size (a 640-px photo is not blown up to 1024), and its cache entry is the
+    one of its own size. ``cache`` is a :class:`FeatureCache` or its folder (default:
+    ``$SELRET_CACHE`` or ``~/.cache/selret/features``). ``keypoints=False`` skips SIFT detection
+    in :meth:`feature_map` (for encoders that never use the SIFT-mask; cached entries always carry
+    keypoints).
+    ``backbone`` may be passed in (already loaded); otherwise it is loaded on first use.
+    """
+
+    def __init__(
+        self,
+        weights: str = "vgg16-caffe",
+        layer: str = "pool5",
+        max_side: int = 1024,
+        *,
+        upscale: bool = True,
+        cache: FeatureCache | str | Path | None = None,
+        device: str | None = None,
+        dtype: str | None = None,
+        batch_size: int = 8,
+        num_workers: int = DEFAULT_NUM_WORKERS,
+        keypoints: bool = True,
+        backbone=None,
+    ):
+        self.weights = weights
+        self.layer = layer
+        self.max_side = int(max_side)
+        self.upscale = upscale
+        self.cache = cache if isinstance(cache, FeatureCache) else FeatureCache(
+            Path(cache).expanduser() if cache else default_cache_dir()
+        )  # fmt: skip
+        self.device = device
+        self.dtype = dtype
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.keypoints = keypoints
+        self._backbone = backbone
+        if backbone is not None and (
+            getattr(backbone, "weights", weights),
+            getattr(backbone, "layer", layer),
+        ) != (weights, layer):
+            raise ValueError(f"backbone {backbone.id} is not {weights}:{layer}")
+
+    @classmethod
+    def for_config(cls, config, **kwargs) -> Extractor:
+        """The extractor of an encoder config (anything with ``weights``, ``layer``, ``max_side``)."""
+        return cls(config.weights, config.layer, config.max_side, **kwargs)
+
+    def __repr__(self) -> str:
+        up = "" if self.upscale else ", upscale=False"
+        return (
+            f"Extractor({self.weights!r}, {self.layer!r}, {self.max_side}{up}, cache={self.cache})"
+        )
+
+    # ------------------------------------------------------------------ network
+
+    @property
+    def backbone(self):
+        """The :class:`~selret.features.backbones.Backbone`, loaded on first use."""
+        if self._backbone is None:
+            from selret.features.backbones import load_backbone
+
+            self._backbone = load_backbone(
+                self.weights, self.layer, device=self.device, dtype=self.dtype
+            )
+        return self._backbone
+
+    @property
+    def cache_id(self) -> str:
+        return cache_id(self.backbone)
+
+    def forward(self, rgbs: Sequence[np.ndarray]) -> list[np.ndarray | RuntimeError]:
+        """Conv maps of equal-size uint8 RGB images, one forward pass per ``batch_size``.
+
+        A batch that fails (out of memory, a bad input) is split and run image by image, so one
+        image cannot take its batch partners down; an image that fails alone gets its error in its
+        place in the result.
+        """
+        out: list[np.ndarray | RuntimeError] = []
+        for lo in range(0, len(rgbs), self.batch_size):
+            out.extend(self._forward_split(list(rgbs[lo : lo + self.batch_size])))
+        return out
+
+    def _forward_split(self, rgbs: list[np.ndarray]) -> list[np.ndarray | RuntimeError]:
+        try:
+            return list(self.backbone.forward_maps(np.stack(rgbs)))
+        except RuntimeError as exc:  # torch's errors (OOM included) are RuntimeErrors
+            if len(rgbs) == 1:
+                return [exc]
+            return [r for rgb in rgbs for r in self._forward_split([rgb])]
+
+    # ------------------------------------------------------------------ one image
+
+    def side_for(self, source, rotation: int = 0, name: str | None = None) -> int:
+        """The network-input longest side for ``source`` (``max_side``, or less without upscaling)."""
+        if self.upscale:
+            return self.max_side
+        return min(self.max_side, max(image_size(source, name=name)))
+
+    def prepare(
+        self, source, bbox=None, rotation: int = 0, name: str | None = None
+    ) -> PreparedImage:
+        """The network-input image of ``source`` (a path or bytes), as this extractor sizes it."""
+        side = self.side_for(source, rotation, name)
+        return prepare_image(source, max_side=side, bbox=bbox, rotation=rotation, name=name)
+
+    def feature_map(
+        self, source, bbox=None, rotation: int = 0, name: str | None = None
+    ) -> FeatureMap:
+        """The map of one image path or its bytes, computed now (the cache is not consulted)."""
+        prepared = self.prepare(source, bbox=bbox, rotation=rotation, name=name)
+        result = self.forward([prepared.rgb])[0]
+        if isinstance(result, Exception):
+            raise result
+        keypoints = detect_keypoints(prepared.rgb) if self.keypoints else None
+        return FeatureMap(result, prepared.size, keypoints)
+
+    def key(self, path, bbox=None, rotation: int = 0) -> str:
+        """The cache key of image file ``path`` (its content, crop, rotation and this config)."""
+        side = self.side_for(path, rotation)
+        return self.cache.key(path, self.cache_id, side, bbox=bbox, rotation=rotation)
+
+    # ------------------------------------------------------------------ many images
+
+    def extract(
+        self,
+        paths: Iterable[str | Path],
+        bboxes: Sequence | None = None,
+        rotations: Sequence | None = None,
+        progress: bool = True,
+        log_path: str | Path | None = None,
+    ) -> ExtractionReport:
+        """Extract the maps (and SIFT keypoints) of ``paths`` into the cache, skipping cached ones.
+
+        ``bboxes`` and ``rotations``, if given, align with ``paths`` (None entries: no crop / no
+        rotation). Failed images are listed in the report and, with ``log_path``, appended to that
+        JSONL file as ``{"path", "error", "reason", "time"}``. Raises CacheError only if the cache
+        cannot be written (finished entries are kept).
+        """
+        paths = list(paths)
+        with _progress_bar(len(paths), progress, "extract") as bar:
+            report, _, _ = self._run(paths, bboxes, rotations, log_path, bar)
+        return report
+
+    def maps(
+        self,
+        paths: Sequence[str | Path],
+        bboxes: Sequence | None = None,
+        rotations: Sequence | None = None,
+        progress: bool = True,
+        log_path: str | Path | None = None,
+    ) -> FeatureMaps:
+        """The maps of ``paths`` as a lazy :class:`FeatureMaps` (missing ones extracted first)."""
+        paths = [Path(p) for p in paths]
+        with _progress_bar(len(paths), progress, "extract") as bar:
+            report, keys, _ = self._run(paths, bboxes, rotations, log_path, bar)
+        return FeatureMaps(self.cache, paths, keys, report)
+
+    def iter_maps(
+        self,
+        paths: Iterable[str | Path],
+        bboxes: Sequence | None = None,
+        rotations: Sequence | None = None,
+        progress: bool = False,
+        log_path: str | Path | None = None,
+        errors: Literal["skip", "raise"] = "skip",
+        chunk_size: int = 256,
+    ) -> Iterator[tuple[Path, FeatureMap]]:
+        """Yield ``(path, FeatureMap)`` for every path, in order, extracting missing maps on the way.
+
+        Works ``chunk_size`` paths at a time, so memory stays bounded and an interrupted run
+        resumes. An unusable image is skipped with a logged warning (``errors="skip"``) or raises
+        its error (``errors="raise"``).
+        """
+        if errors not in ("skip", "raise"):
+            raise ValueError(f"errors must be 'skip' or 'raise', got {errors!r}")
+        paths = [Path(p) for p in paths]
+        n = len(paths)
+        bboxes = _per_image(bboxes, n, "bboxes")
+        rotations = _per_image(rotations, n, "rotations", 0)
+        with _progress_bar(n, progress, "features") as bar:
+            for lo in range(0, n, chunk_size):
+                hi = min(lo + chunk_size, n)
+                _, keys, failed = self._run(
+                    paths[lo:hi], bboxes[lo:hi], rotations[lo:hi], log_path, bar
+                )
+                for i, key in enumerate(keys):
+                    fmap = self.cache.get(key) if key is not None else None
+                    if fmap is None:
+                        exc = failed.get(i) or CacheError(
+                            f"{paths[lo + i]}: no features in the cache after extraction"
+                        )
+                        if errors == "raise":
+                            raise exc
+                        logger.warning(
+                            "skipping %s: %s: %s", paths[lo + i], type(exc).__name__, exc
+                        )
+                        continue
+                    yield paths[lo + i], fmap
+
+    # ------------------------------------------------------------------ internals
+
+    def _run(self, paths, bboxes, rotations, log_path, bar):
+        """Extract the missing maps of ``paths``; returns the report, each path's key (None when it
+        failed) and the exception of each failed index."""
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        start = time.perf_counter()
+        n = len(paths)
+        jobs = [
+            _Job(i, Path(p), bb, rot)
+            for i, (p, bb, rot) in enumerate(
+                zip(paths, _per_image(bboxes, n, "bboxes"),
+                    _per_image(rotations, n, "rotations", 0), strict=True)
+            )
+        ]  # fmt: skip
+        report = ExtractionReport(n_total=n)
+        keys: list[str | None] = [None] * n
+        log = None
+        if log_path is not None:
+            Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+            log = open(log_path, "a", encoding="utf-8")  # closed in the finally below
+        failures = _Failures(report, log, bar)
+
+        def fail(job: _Job, exc: BaseException) -> None:
+            failures.add(job, exc)
+            keys[job.index] = None
+
+        try:
+            todo: list[_Job] = []
+            scheduled: set[str] = set()
+            for job in jobs:
+                try:
+                    job.key = self.key(job.path, job.bbox, job.rotation)
+                except _DECODE_ERRORS as exc:
+                    fail(job, exc)
+                    continue
+                keys[job.index] = job.key
+                # A readable entry counts as done; a corrupt one is extracted again (get() logs it).
+                if job.key in scheduled or self.cache.get(job.key) is not None:
+                    report.n_cached += 1
+                    bar.update(1)
+                else:
+                    scheduled.add(job.key)
+                    todo.append(job)
+
+            def prepare(job: _Job):
+                prepared = self.prepare(job.path, bbox=job.bbox, rotation=job.rotation)
+                # Cache entries always carry keypoints: any later encoder may use the SIFT-mask.
+                return prepared.rgb, detect_keypoints(prepared.rgb)
+
+            def run_batch(items: list) -> None:
+                results = self.forward([rgb for _, (rgb, _) in items])
+                for (job, (rgb, kps)), result in zip(items, results, strict=True):
+                    if isinstance(result, Exception):
+                        fail(job, result)
+                        continue
+                    try:
+                        self.cache.put(job.key, FeatureMap(result, rgb.shape[:2], kps))
+                    except OSError as exc:
+                        # A full or read-only disk fails every image alike: stop, keeping the rest.
+                        raise CacheError(
+                            f"{self.cache.root}: cannot write cache entry for {job.path}: {exc}"
+                        ) from exc
+                    report.n_extracted += 1
+                    bar.update(1)
+
+            pending: dict[tuple[int, int], list] = {}
+            n_pending = 0
+            prefetch = max(2 * self.batch_size, 2 * self.num_workers)
+            stream = _prepared_stream(todo, prepare, self.num_workers, prefetch)
+            # closing(): on Ctrl-C or an error, stop the decoding threads before leaving.
+            with closing(stream):
+                for job, result in stream:
+                    if isinstance(result, BaseException):
+                        fail(job, result)
+                        continue
+                    shape = result[0].shape[:2]
+                    group = pending.setdefault(shape, [])
+                    group.append((job, result))
+                    n_pending += 1
+                    if len(group) < self.batch_size:
+                        if n_pending <= _PENDING_BATCHES * self.batch_size:
+                            continue
+                        shape = max(pending, key=lambda s: len(pending[s]))
+                    n_pending -= len(pending[shape])
+                    run_batch(pending.pop(shape))
+            for shape in sorted(pending):
+                run_batch(pending[shape])
+        finally:
+            if log is not None:
+                log.close()
+            report.seconds = time.perf_counter() - start
+        return report, keys, failures.errors
+
+
+class FeatureMaps(Sequence[FeatureMap]):
+    """The conv maps of a list of images as a lazy sequence backed by the feature cache.
+
+    Made by :meth:`Extractor.maps`. Images that failed are dropped and listed in ``report``;
+    ``paths`` holds the ones that succeeded, aligned with the sequence; ``indices`` their positions
+    in the input list. An image that did not fail must have its map: a missing one is a
+    CacheError, never a silently shorter list.
+    """
+
+    def __init__(self, cache: FeatureCache, paths, keys, report: ExtractionReport):
+        self.cache = cache
+        self.report = report
+        failed = {str(p) for p, _ in report.failed}
+        self.paths: list[Path] = []
+        self.indices: list[int] = []
+        self._keys: list[str] = []
+        for i, (p, key) in enumerate(zip(paths, keys, strict=True)):
+            if str(p) in failed:
+                continue
+            if key is None or self.cache.get(key) is None:
+                raise CacheError(f"{p}: feature map missing from the cache {cache.root}")
+            self.paths.append(Path(p))
+            self.indices.append(i)
+            self._keys.append(key)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        fmap = self.cache.get(self._keys[i])
+        if fmap is None:
+            raise CacheError(
+                f"{self.paths[i]}: feature map missing from the cache {self.cache.root}"
+            )
+        return fmap
+
+
+class _Failures:
+    """Records failed images in the report, the optional JSONL log and the progress bar."""
+
+    def __init__(self, report: ExtractionReport, log: IO[str] | None, bar: tqdm):
+        self.report, self.log, self.bar = report, log, bar
+        self.errors: dict[int, BaseException] = {}
+
+    def add(self, job: _Job, exc: BaseException) -> None:
+        reason = exc.reason if isinstance(exc, ImageError) else str(exc)
+        self.report.failed.append((str(job.path), f"{type(exc).__name__}: {reason}"))
+        self.errors[job.index] = exc
+        logger.debug("%s failed: %s: %s", job.path, type(exc).__name__, reason)
+        if self.log is not None:
+            record = {
+                "path": str(job.path),
+                "error": type(exc).__name__,
+                "reason": reason,
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            }
+            self.log.write(json.dumps(record) + "\n")
+            self.log.flush()
+        self.bar.update(1)
+        self.bar.set_postfix(failed=self.report.n_failed, refresh=False)
+
+
+def _per_image(values: Sequence | None, n: int, what: str, default=None) -> list:
+    if values is None:
+        return [default] * n
+    values = list(values)
+    if len(values) != n:
+        raise ValueError(f"{what} has {len(values)} entries for {n} paths")
+    return [default if v is None else v for v in values]
+
+
+def _prepared_stream(jobs, prepare, num_workers: int, prefetch: int) -> Iterator:
+    """``(job, prepare(job))`` for every job, in order, computed up to ``prefetch`` jobs ahead in
+    threads. A bad image's decode error is returned in place of its result, not raised: one bad
+    image must not end the stream. Other exceptions (bugs) propagate."""
+
+    def attempt(job):
+        try:
+            return prepare(job)
+        except _DECODE_ERRORS as exc:
+            return exc
+
+    if num_workers <= 0:
+        for job in jobs:
+            yield job, attempt(job)
+        return
+    with ThreadPoolExecutor(num_workers, thread_name_prefix="selret-decode") as pool:
+        queue: deque[tuple[_Job, Future]] = deque()
+        todo = iter(jobs)
+        try:
+            for job in todo:
+                queue.append((job, pool.submit(attempt, job)))
+                if len(queue) >= prefetch:
+                    break
+            while queue:
+                job, future = queue.popleft()
+                nxt = next(todo, None)
+                if nxt is not None:
+                    queue.append((nxt, pool.submit(attempt, nxt)))
+                yield job, future.result()
+        finally:
+            # On an early exit (an exception, Ctrl-C, a closed generator) drop the queued work.
+            for _, future in queue:
+                future.cancel()
+
+
+def _progress_bar(total: int, progress: bool, desc: str) -> tqdm:
+    return tqdm(total=total, disable=not progress, unit="img", desc=desc, dynamic_ncols=True)
+
+
+def feature_maps_for(
+    paths,
+    config,
+    cache_dir=None,
+    backbone=None,
+    bboxes=None,
+    rotations=None,
+    progress: bool = True,
+    log_path=None,
+    device: str | None = None,
+) -> FeatureMaps:
+    """Shortcut: ``Extractor.for_config(config, ...).maps(paths, ...)``."""
+    extractor = Extractor.for_config(config, cache=cache_dir, backbone=backbone, device=device)
+    return extractor.maps(paths, bboxes=bboxes, rotations=rotations, progress=progress,
+                          log_path=log_path)  # fmt: skip
