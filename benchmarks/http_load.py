@@ -44,7 +44,7 @@ def build_random_engine(workdir: Path, max_side: int) -> tuple[Path, Path]:
     """A random-weights engine over the demo database; returns (engine dir, a query image)."""
     from selret.encoding.encoder import Encoder, EncoderConfig
     from selret.evaluation.demo_data import build_demo_dataset, learning_images
-    from selret.features.extractor import feature_maps_for
+    from selret.features.extractor import Extractor
     from selret.search.engine import SearchEngine
 
     engine_dir = workdir / f"engine-random-{max_side}"
@@ -57,7 +57,9 @@ def build_random_engine(workdir: Path, max_side: int) -> tuple[Path, Path]:
         "temb-demo-512", weights="random", max_side=max_side, kmeans_iters=20
     )
     encoder = Encoder(config).fit(
-        feature_maps_for(learning_images(workdir / "data"), config, cache, progress=False)
+        Extractor.for_config(config, cache=cache).maps(
+            learning_images(workdir / "data"), progress=False
+        )
     )
     engine = SearchEngine.create(engine_dir, encoder, cache_dir=cache)
     engine.add_images([bench.image_path(i) for i in range(len(bench.db_images))], progress=False)

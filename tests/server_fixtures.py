@@ -63,13 +63,15 @@ def write_images(folder: Path) -> list[Path]:
 def build_engine(root: Path) -> Path:
     """A random-weights engine under ``root/engine`` indexing the images of ``root/images``."""
     from selret.encoding.encoder import Encoder, EncoderConfig
-    from selret.features.extractor import feature_maps_for
+    from selret.features.extractor import Extractor
     from selret.search.engine import SearchEngine
 
     paths = write_images(root / "images")
     cache = root / "cache"
     config = EncoderConfig(weights="random", max_side=MAX_SIDE, d=16, k=10, kmeans_iters=5)
-    encoder = Encoder(config).fit(feature_maps_for(paths, config, cache, progress=False))
+    encoder = Encoder(config).fit(
+        Extractor.for_config(config, cache=cache).maps(paths, progress=False)
+    )
     engine = SearchEngine.create(root / "engine", encoder, cache_dir=cache)
     report = engine.add_images(paths, progress=False)
     assert report.added == len(paths), report.failed

@@ -29,7 +29,7 @@ from selret.distributed import (
 from selret.encoding.encoder import Encoder, EncoderConfig
 from selret.errors import ConfigMismatchError
 from selret.features.backbones import Backbone
-from selret.features.extractor import Extractor, feature_maps_for
+from selret.features.extractor import Extractor
 from selret.search.engine import SearchEngine, normalise_path
 from selret.search.sharded import ShardedSearch
 from selret.search.store import ImageIndex
@@ -67,7 +67,7 @@ def collection(tmp_path_factory) -> tuple[Path, list[str], str]:
 def encoder_file(collection, tmp_path_factory) -> Path:
     _, good, _ = collection
     tmp = tmp_path_factory.mktemp("encoder")
-    maps = feature_maps_for(good[:8], CONFIG, tmp / "cache", progress=False)
+    maps = Extractor.for_config(CONFIG, cache=tmp / "cache").maps(good[:8], progress=False)
     return Encoder(CONFIG).fit(maps).save(tmp / "enc.npz")
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from selret.encoding.encoder import Encoder, EncoderConfig
+from selret.encoding.persistence import EncoderFileError
 from selret.encoding.presets import COMPARISON_4224, PRESETS, TEMB_DEMOCRATIC
 from selret.features import FeatureMap
 
@@ -148,7 +149,7 @@ def test_unfitted_and_bad_files(tmp_path):
     bad.write_bytes(b"garbage")
     with pytest.raises(ValueError, match="not a selret encoder"):
         Encoder.load(bad)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(EncoderFileError, match="not found"):
         Encoder.load(tmp_path / "missing.npz")
 
 
@@ -215,3 +216,28 @@ def test_constructor_only_stores_and_learned_state_comes_from_fit(learn_maps):
         enc.encode(learn_maps[0])
     enc.fit(learn_maps)
     assert {"pca_", "embedder_", "rotation_"} <= set(vars(enc))
+
+
+def test_float16_storage_halves_the_file_and_loads_as_float32(tmp_path, learn_maps, test_maps):
+    enc = Encoder(EncoderConfig(embedding="temb", d=16, k=10, kmeans_iters=5)).fit(learn_maps)
+    full = enc.save(tmp_path / "full.npz")
+    half = enc.save(tmp_path / "half.npz", precision="float16", provenance={"note": "test"})
+    assert half.stat().st_size < 0.6 * full.stat().st_size
+    back = Encoder.load(half)
+    assert back.provenance_ == {"note": "test"}
+    assert all(
+        np.asarray(v).dtype != np.float16
+        for v in back.get_state().values()
+        if isinstance(v, np.ndarray)
+    )
+    a, b = enc.encode_many(test_maps), back.encode_many(test_maps)
+    assert np.abs(a - b).max() < 2e-2  # float16 rounds the matrices at ~5e-4 relative
+    assert (np.argsort(-(a @ a.T), 1)[:, 0] == np.argsort(-(b @ b.T), 1)[:, 0]).all()
+    assert Encoder.load(full).fingerprint == enc.fingerprint  # float32 is exact
+
+
+def test_corrupt_encoder_file_is_a_clear_error(tmp_path):
+    bad = tmp_path / "encoder.npz"
+    bad.write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(EncoderFileError, match="encoder.npz: not a selret encoder file"):
+        Encoder.load(bad)

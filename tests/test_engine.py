@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from selret.cli import app
 from selret.encoding.encoder import Encoder, EncoderConfig
 from selret.errors import ConfigMismatchError
-from selret.features.extractor import feature_maps_for
+from selret.features.extractor import Extractor
 from selret.search.engine import SearchEngine
 
 CONFIG = dict(weights="random", max_side=96, d=16, k=10, kmeans_iters=5)
@@ -51,7 +51,9 @@ def workspace(tmp_path_factory):
     db = make_images(root / "db", 6, seed=2)
     cache = root / "cache"
     config = EncoderConfig(**CONFIG)
-    encoder = Encoder(config).fit(feature_maps_for(learn, config, cache, progress=False))
+    encoder = Encoder(config).fit(
+        Extractor.for_config(config, cache=cache).maps(learn, progress=False)
+    )
     return {"root": root, "learn": learn, "db": db, "cache": cache, "encoder": encoder}
 
 
@@ -93,7 +95,9 @@ def test_engine_refuses_other_encoder(workspace, tmp_path):
     w = workspace
     SearchEngine.create(tmp_path / "eng", w["encoder"], cache_dir=w["cache"])
     other = Encoder(EncoderConfig(**CONFIG, seed=5)).fit(
-        feature_maps_for(w["learn"], EncoderConfig(**CONFIG, seed=5), w["cache"], progress=False)
+        Extractor.for_config(EncoderConfig(**CONFIG, seed=5), cache=w["cache"]).maps(
+            w["learn"], progress=False
+        )
     )
     other.save(tmp_path / "eng" / "encoder.npz")  # swap the encoder behind the index's back
     with pytest.raises(ConfigMismatchError):
@@ -131,6 +135,12 @@ def test_cli_fit_encode_index_search(workspace, tmp_path):
     )
     assert r.exit_code == 0, r.output
     assert "D=32" in r.output and enc.is_file()
+    # The file says how it was made: command, learning-set manifest, fingerprint.
+    fitted = Encoder.load(enc)
+    prov = fitted.provenance_
+    assert prov["fit_command"].startswith("selret fit ") and "--mask sum" in prov["fit_command"]
+    assert prov["learning_set"]["n_images"] == len(prov["learning_set"]["files"]) > 0
+    assert prov["fingerprint"] == fitted.fingerprint and prov["dim"] == 32
 
     vecs = tmp_path / "vecs.npz"
     r = runner.invoke(

@@ -11,10 +11,11 @@ import faiss
 import numpy as np
 import pytest
 
-import selret.search.kernels as kernels
+import selret.numerics as numerics
 import selret.search.store as store_mod
 import selret.search.vectors as vectors_mod
 from selret.errors import ConfigMismatchError, CorruptIndexError, IndexConflictError
+from selret.numerics import blas_brute_force
 from selret.search.expansion import average_query_expansion
 from selret.search.sharded import ShardedSearch
 from selret.search.store import ImageIndex
@@ -131,9 +132,9 @@ def test_training_and_searching_leave_faiss_settings_alone():
         index.add(clustered(400, seed=42), np.arange(400))  # IVF-PQ: trained here
         index.search(clustered(30, seed=43), 5)
     assert faiss_settings() == before
-    with kernels.blas_brute_force(), kernels.blas_brute_force():  # nested, as from threads
+    with blas_brute_force(), blas_brute_force():  # nested, as from threads
         assert faiss.cvar.distance_compute_blas_threshold == min(
-            before["distance_compute_blas_threshold"], kernels._BLAS_THRESHOLD
+            before["distance_compute_blas_threshold"], numerics._BLAS_THRESHOLD
         )
     assert faiss_settings() == before
 

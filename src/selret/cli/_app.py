@@ -28,3 +28,26 @@ def _global_options(
         from selret.threads import set_threads
 
         set_threads(threads)
+
+
+def command_line(ctx: typer.Context) -> str:
+    """The running command as a shell line with the options the user set (defaults left out),
+    rebuilt from the parsed parameters of ``ctx``: the same under the `selret` script and in tests."""
+    import shlex
+    from enum import Enum
+
+    parts = ["selret", *ctx.command_path.split()[1:]]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if param.param_type_name == "argument":
+            values = value if isinstance(value, (list, tuple)) else [value]
+            parts += [str(v) for v in values if v is not None]
+            continue
+        if value is None or value == param.default or not param.opts:
+            continue
+        if getattr(param, "is_flag", False) and isinstance(value, bool):
+            parts += (param.opts if value else param.secondary_opts)[:1]
+            continue
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            parts += [param.opts[0], str(v.value if isinstance(v, Enum) else v)]
+    return shlex.join(parts)

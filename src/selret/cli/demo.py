@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import shutil
 import time
-import warnings
 from pathlib import Path
 
 import typer
 
 from selret.cli._app import app
+from selret.cli.encoder import ENCODER_HELP, load_encoder
 
 DEFAULT_WORKDIR = Path("~/.cache/selret/demo")
 
@@ -19,44 +19,25 @@ def demo(
     workdir: Path = typer.Option(
         DEFAULT_WORKDIR, help="Where the demo writes its images, cache and index."
     ),
-    preset: str = typer.Option("temb-demo-512", help="Encoder preset."),
-    mask: str = typer.Option("max", help="Selection mask: sift, sum, max or none."),
-    max_side: int = typer.Option(
-        512,
-        "--max-side",
-        help="Longest image side (the demo photos are at most ~1000 px; the paper uses 1024).",
-    ),
-    weights: str = typer.Option("vgg16-caffe", help="Backbone weights."),
+    encoder_name: str | None = typer.Option(None, "--encoder", "-e", help=ENCODER_HELP),
     top: int = typer.Option(5, "--top", "-k", help="Results shown per query."),
     show: int = typer.Option(4, help="Queries whose ranked results are printed."),
 ) -> None:
-    """Build an encoder and an index on bundled real photos, run the queries, print results and mAP."""
+    """Index the bundled real photos with a pre-trained encoder (nothing is fitted), run the
+    queries, print results and mAP."""
     import numpy as np
 
-    from selret.encoding.encoder import Encoder, EncoderConfig, SmallLearningSetWarning
-    from selret.evaluation.demo_data import build_demo_dataset, learning_images
+    from selret.evaluation.demo_data import build_demo_dataset
     from selret.evaluation.metrics import compute_map
-    from selret.features.extractor import feature_maps_for
     from selret.search.engine import SearchEngine
 
     workdir = workdir.expanduser()
     cache = workdir / "features"
     t0 = time.perf_counter()
     bench = build_demo_dataset(workdir / "data")
-    learn = learning_images(workdir / "data")
-    typer.echo(
-        f"data: {bench.summary()}; learning set: {len(learn)} other bundled images -> {workdir / 'data'}"
-    )
-
-    config = EncoderConfig.from_preset(preset, mask=mask, max_side=max_side, weights=weights)
-    learn_maps = feature_maps_for(learn, config, cache, progress=True)
-    with warnings.catch_warnings():
-        # 14 learning images < 640 rotation dimensions: expected here, said once below.
-        warnings.simplefilter("ignore", SmallLearningSetWarning)
-        encoder = Encoder(config).fit(learn_maps)
-    typer.echo(
-        f"encoder: {encoder!r}; mask kept {100 * encoder.kept_fraction_:.0f}% of local features on the learning set"
-    )
+    typer.echo(f"data: {bench.summary()} -> {workdir / 'data'}")
+    encoder = load_encoder(encoder_name)
+    typer.echo(f"encoder: {encoder!r}")
 
     engine_dir = workdir / "index"
     shutil.rmtree(

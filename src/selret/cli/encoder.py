@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from selret.cli._app import app
+from selret.cli._app import app, command_line
 
 
 def config_from_options(
@@ -21,8 +21,71 @@ def config_from_options(
     return EncoderConfig.from_preset(preset or DEFAULT_PRESET, **overrides)
 
 
+ENCODER_HELP = (
+    "A fitted encoder: a .npz file (from `selret fit`) or the name of a pre-trained one "
+    "(`selret encoders` lists them) [default: the default pre-trained encoder]."
+)
+
+
+def load_encoder(name_or_path: str | None):
+    """The encoder a command was given, or the default pre-trained one; says which on stderr."""
+    from selret.encoding.pretrained import default_name, resolve_encoder
+    from selret.errors import SelretError
+
+    chosen = name_or_path or default_name()
+    if chosen is None:
+        raise typer.BadParameter("no encoder given and no pre-trained encoder is installed")
+    try:
+        encoder = resolve_encoder(chosen)
+    except SelretError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    if name_or_path is None:
+        typer.echo(
+            f"encoder: {chosen} (pre-trained, shipped with selret; D={encoder.dim}, "
+            f"{encoder.config.mask}-mask; choose another with --encoder)",
+            err=True,
+        )
+    return encoder
+
+
+@app.command()
+def encoders(
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """List the pre-trained encoders shipped with selret (use a name wherever --encoder is asked)."""
+    import json
+
+    from selret.encoding.persistence import read_header
+    from selret.encoding.pretrained import available, default_name, pretrained_path
+
+    rows = []
+    for info in available():
+        provenance = read_header(pretrained_path(info.name)).get("provenance") or {}
+        learning = provenance.get("learning_set", {})
+        rows.append({
+            "name": info.name, "default": info.name == default_name(), "dim": info.dim,
+            "mask": info.mask, "description": info.description, "sha256": info.sha256,
+            "learning_set": learning.get("source"), "learning_images": learning.get("n_images"),
+            "fingerprint": provenance.get("fingerprint"),
+            "fit_command": provenance.get("fit_command"),
+        })  # fmt: skip
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        typer.echo("no pre-trained encoders are installed")
+    for r in rows:
+        mark = " (default)" if r["default"] else ""
+        typer.echo(f"{r['name']}{mark}: D={r['dim']}, {r['mask']}-mask; {r['description']}")
+        typer.echo(f"    learned on {r['learning_images']} images of {r['learning_set']}")
+        typer.echo(f"    fit: {r['fit_command']}")
+        typer.echo(f"    sha256 {r['sha256']}  fingerprint {r['fingerprint']}")
+
+
 @app.command()
 def fit(
+    ctx: typer.Context,
     learn: Path = typer.Argument(
         ...,
         help="Learning-set images: a folder or a list file. Must be disjoint from what you will evaluate.",
@@ -52,10 +115,23 @@ def fit(
         None, help="Feature cache [$SELRET_CACHE or ~/.cache/selret/features]."
     ),
     device: str | None = typer.Option(None, help="auto, cpu or cuda."),
+    upscale: bool = typer.Option(
+        True,
+        "--upscale/--no-upscale",
+        help="Enlarge learning images smaller than --max-side to it (the paper's protocol), or "
+        "extract them at their own size.",
+    ),
+    precision: str = typer.Option(
+        "float32", help="Storage of the learned matrices: float32 (exact) or float16 (half size)."
+    ),
 ) -> None:
-    """Learn an encoder (PCA, codebook, whitening, rotation) on a held-out learning set."""
+    """Learn an encoder (PCA, codebook, whitening, rotation) on a held-out learning set.
+
+    The file's header records how it was made: this command line, the learning-set manifest (file
+    names and sha256), the selret version, D, the mask and the encoder's fingerprint.
+    """
     from selret.encoding.encoder import Encoder
-    from selret.features.extractor import feature_maps_for
+    from selret.features.extractor import Extractor
     from selret.files import list_images
 
     config = config_from_options(preset, dict(
@@ -65,10 +141,11 @@ def fit(
     paths = list_images(learn)
     if not paths:
         raise typer.BadParameter(f"{learn}: no images found", param_hint="LEARN")
-    maps = feature_maps_for(paths, config, cache, device=device)
+    extractor = Extractor.for_config(config, cache=cache, device=device, upscale=upscale)
+    maps = extractor.maps(paths, progress=True)
     _report_failures(maps.report)
     encoder = Encoder(config).fit(maps, progress=True)
-    encoder.save(out)
+    save_with_provenance(encoder, out, precision, maps.paths, learn, upscale, command_line(ctx))
     typer.echo(
         f"{encoder!r}\nlearned on {encoder.n_train_images_} images, {encoder.n_train_features_} local features "
         f"(mask kept {100 * encoder.kept_fraction_:.1f}%); saved to {out}"
@@ -78,9 +155,7 @@ def fit(
 @app.command()
 def encode(
     input: Path = typer.Argument(..., help="Images: a folder or a list file."),
-    encoder_path: Path = typer.Option(
-        ..., "--encoder", "-e", help="A fitted encoder (.npz from `selret fit`)."
-    ),
+    encoder_name: str | None = typer.Option(None, "--encoder", "-e", help=ENCODER_HELP),
     out: Path = typer.Option(
         Path("vectors.npz"),
         "--out",
@@ -95,15 +170,14 @@ def encode(
     """Encode images into global vectors with a fitted encoder."""
     import numpy as np
 
-    from selret.encoding.encoder import Encoder
-    from selret.features.extractor import feature_maps_for
+    from selret.features.extractor import Extractor
     from selret.files import atomic_write, list_images
 
-    encoder = Encoder.load(encoder_path)
+    encoder = load_encoder(encoder_name)
     paths = list_images(input)
     if not paths:
         raise typer.BadParameter(f"{input}: no images found", param_hint="INPUT")
-    maps = feature_maps_for(paths, encoder.config, cache, device=device)
+    maps = Extractor.for_config(encoder.config, cache=cache, device=device).maps(paths)
     _report_failures(maps.report)
     # The GPU when there is one, for the per-feature stages too.
     vectors = encoder.encode_many(maps, progress=True, device=device or "auto")
@@ -115,6 +189,41 @@ def encode(
     )
     atomic_write(out, lambda fh: np.savez(fh, **arrays))
     typer.echo(f"encoded {len(vectors)} images into {vectors.shape[1]}-D vectors -> {out}")
+
+
+def save_with_provenance(
+    encoder, out: Path, precision: str, paths, learn: Path, upscale: bool, command: str
+):
+    """Save ``encoder`` with a header saying how it was made (see ``selret fit``)."""
+    from selret import __version__
+    from selret.encoding.encoder import Encoder
+    from selret.files import file_digest
+
+    root = Path(learn) if Path(learn).is_dir() else Path(learn).parent
+    files = []
+    for p in paths:
+        try:
+            name = Path(p).resolve().relative_to(root.resolve()).as_posix()
+        except ValueError:  # a list file may name images anywhere
+            name = str(p)
+        files.append([name, file_digest(p)])
+    provenance = {
+        "fit_command": command,
+        "learning_set": {
+            "source": str(learn),
+            "n_images": len(files),
+            "upscale": upscale,
+            "files": files,
+        },
+        "selret_version": __version__,
+        "dim": encoder.dim,
+        "mask": encoder.config.mask,
+        "precision": precision,
+    }
+    encoder.save(out, precision=precision, provenance=provenance)
+    # The fingerprint of the encoder as it will be loaded (float16 storage changes it).
+    provenance["fingerprint"] = Encoder.load(out).fingerprint
+    encoder.save(out, precision=precision, provenance=provenance)
 
 
 def _report_failures(report) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import typer
 
 from selret.cli._app import app
+from selret.cli.encoder import ENCODER_HELP, load_encoder
 
 
 class Whiten(StrEnum):
@@ -63,9 +64,7 @@ def eval_(
         None,
         help="official-12 | loo (paris6k-250), ns | loo (ukbench), easy | medium | hard (revisited).",
     ),
-    encoder_path: Path | None = typer.Option(
-        None, "--encoder", "-e", help="A fitted encoder (.npz from `selret fit`)."
-    ),
+    encoder_path: str | None = typer.Option(None, "--encoder", "-e", help=ENCODER_HELP),
     preset: str | None = typer.Option(
         None,
         help="Fit this preset on --learn [default: temb-demo-512 unless --encoder or --baseline].",
@@ -122,8 +121,8 @@ def eval_(
         )
     try:
         bench = _load(dataset, root, protocol)
-        if encoder_path is not None:
-            method = Encoder.load(encoder_path)
+        if encoder_path is not None or (baseline is None and preset is None and not learn):
+            method = load_encoder(encoder_path)  # None: the default pre-trained encoder
         elif baseline is not None:
             method = BaselineEncoder(
                 baseline, whiten=whiten, n_components=dim, weights=weights or "vgg16-caffe",

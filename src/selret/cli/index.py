@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from selret.cli._app import app
+from selret.cli.encoder import ENCODER_HELP, load_encoder
 
 index_app = typer.Typer(
     help="Create and maintain a persistent image index (encoder + faiss vectors + SQLite catalog).",
@@ -37,11 +38,12 @@ def _print_add_report(report) -> None:
 
 @index_app.command("build")
 def build(
-    engine_dir: Path = typer.Argument(..., help=ENGINE_HELP),
-    images: Path = typer.Argument(..., help="Images to index: a folder or a list file."),
-    encoder_path: Path | None = typer.Option(
-        None, "--encoder", "-e", help="A fitted encoder (from `selret fit`)."
+    args: list[Path] = typer.Argument(
+        ...,
+        help="IMAGES (a folder or a list file) with --index DIR, or the older ENGINE_DIR IMAGES.",
     ),
+    index_dir: Path | None = typer.Option(None, "--index", "-i", help=ENGINE_HELP),
+    encoder_name: str | None = typer.Option(None, "--encoder", "-e", help=ENCODER_HELP),
     learn: Path | None = typer.Option(
         None, help="Fit a new encoder on these held-out images instead of --encoder."
     ),
@@ -54,24 +56,34 @@ def build(
         None, help="Feature cache [$SELRET_CACHE or ~/.cache/selret/features]."
     ),
 ) -> None:
-    """Create an index from an encoder (or fit one on --learn) and add IMAGES to it."""
+    """Create an index of IMAGES with an encoder (default: the default pre-trained one, or one fitted
+    on --learn)."""
     from selret.encoding.encoder import Encoder
     from selret.search.engine import SearchEngine
 
-    if (encoder_path is None) == (learn is None):
-        raise typer.BadParameter("give exactly one of --encoder FILE or --learn IMAGES")
-    if encoder_path is not None:
-        encoder = Encoder.load(encoder_path)
+    engine_dir, images = _build_targets(args, index_dir)
+    if encoder_name is not None and learn is not None:
+        raise typer.BadParameter("give at most one of --encoder and --learn")
+    if learn is None:
+        encoder = load_encoder(encoder_name)
     else:
         from selret.cli.encoder import config_from_options
-        from selret.features.extractor import feature_maps_for
+        from selret.features.extractor import Extractor
 
         config = config_from_options(preset, dict(mask=mask, max_side=max_side, weights=weights))
-        maps = feature_maps_for(_images(learn), config, cache)
+        maps = Extractor.for_config(config, cache=cache).maps(_images(learn))
         encoder = Encoder(config).fit(maps, progress=True)
     engine = SearchEngine.create(engine_dir, encoder, kind=kind, cache_dir=cache)
     _print_add_report(engine.add_images(_images(images)))
     typer.echo(f"{engine_dir}: {len(engine.index)} images, {encoder!r}")
+
+
+def _build_targets(args: list[Path], index_dir: Path | None) -> tuple[Path, Path]:
+    if index_dir is not None and len(args) == 1:
+        return index_dir, args[0]
+    if index_dir is None and len(args) == 2:
+        return args[0], args[1]
+    raise typer.BadParameter("give IMAGES --index DIR (or ENGINE_DIR IMAGES)")
 
 
 @index_app.command("add")
@@ -142,7 +154,17 @@ def parse_bbox(text: str | None) -> list[float] | None:
 @app.command()
 def search(
     image: Path = typer.Argument(..., help="Query image."),
-    engine_dir: Path = typer.Option(..., "--index", "-i", help=ENGINE_HELP),
+    engine_dir: Path | None = typer.Option(None, "--index", "-i", help=ENGINE_HELP),
+    images: Path | None = typer.Option(
+        None,
+        "--images",
+        help="Search this folder (or list file) instead of an index: it is indexed on the fly "
+        "(maps cached) with --encoder or the default pre-trained encoder.",
+    ),
+    encoder_name: str | None = typer.Option(None, "--encoder", "-e", help=ENCODER_HELP),
+    cache: Path | None = typer.Option(
+        None, help="Feature cache [$SELRET_CACHE or ~/.cache/selret/features]."
+    ),
     top: int = typer.Option(10, "--top", "-k", min=1, help="Number of results."),
     bbox: str | None = typer.Option(
         None, help="Query region x1,y1,x2,y2 in original-image pixels."
@@ -152,11 +174,21 @@ def search(
     ),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
-    """Search an index with a query image; prints the ranked results."""
+    """Search an index (or a folder, with --images) with a query image; prints the ranked results."""
     from selret.errors import SelretError
     from selret.search.engine import SearchEngine
 
-    engine = SearchEngine.open(engine_dir)
+    if (engine_dir is None) == (images is None):
+        raise typer.BadParameter("give --index DIR or --images FOLDER")
+    if engine_dir is not None:
+        if encoder_name is not None:
+            raise typer.BadParameter("an index has its own encoder; --encoder goes with --images")
+        engine = SearchEngine.open(engine_dir, cache_dir=cache)
+    else:
+        engine = SearchEngine.temporary(load_encoder(encoder_name), cache_dir=cache)
+        report = engine.add_images(_images(images), progress=False)
+        for path, reason in report.failed:
+            typer.echo(f"  failed {path}: {reason}", err=True)
     try:
         hits = engine.search_image(image, k=top, bbox=parse_bbox(bbox), query_expansion=qe)
     except SelretError as exc:

@@ -41,8 +41,6 @@ class SmallLearningSetWarning(UserWarning):
     """The learning set has fewer images than the rotation has dimensions."""
 
 
-
-
 @dataclass
 class EncoderConfig:
     """Every setting of the pipeline, from the backbone to the final dimension.

@@ -18,7 +18,10 @@ import numpy as np
 from selret.errors import SelretError
 from selret.files import atomic_write
 
-__all__ = ["FORMAT_VERSION", "PRECISIONS", "EncoderFileError", "read_encoder", "write_encoder"]
+__all__ = [
+    "FORMAT_VERSION", "PRECISIONS", "EncoderFileError", "read_encoder", "read_header",
+    "write_encoder",
+]  # fmt: skip
 
 #: 2: optional ``precision`` and ``provenance`` in the header.
 FORMAT_VERSION = 2
@@ -63,6 +66,17 @@ def write_encoder(
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda fh: np.savez(fh, **arrays))
     return path
+
+
+def read_header(path: str | Path) -> dict:
+    """The JSON header of an encoder file (config, scalars, provenance), without its arrays."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            header = json.loads(data["__header__"].tobytes().decode())
+    except Exception as exc:  # as in read_encoder: any failure means an unusable file
+        raise EncoderFileError(path, f"not a selret encoder file ({exc})") from None
+    return header
 
 
 def read_encoder(path: str | Path) -> tuple[dict, dict]:

@@ -1,2 +1,3 @@
 """Benchmarks: ground-truth readers, metrics, baselines, evaluation runs, experiment grids and
-plots. May import features, encoding and search; nothing below imports it."""
+plots. Imports features and encoding (not search: it ranks its benchmarks itself); only service,
+distributed and cli may import it."""

@@ -150,6 +150,12 @@ class EncoderMethod:
         fields["kept_fraction"] = None if math.isnan(kept) else kept
         return FitSummary(int(enc.n_train_images_), fields, notes)
 
+    def learning_manifest(self) -> dict | None:
+        """The learning set recorded in the encoder file's header (``selret fit`` and the shipped
+        pre-trained encoders record one: source, file names and sha256), else None."""
+        provenance = getattr(self.encoder, "provenance_", None) or {}
+        return provenance.get("learning_set")
+
     def __repr__(self) -> str:
         return f"EncoderMethod({self.encoder!r})"
 

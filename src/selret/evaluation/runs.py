@@ -23,11 +23,13 @@ import numpy as np
 from selret.encoding.encoder import Encoder
 from selret.evaluation.data import EvalData, prepare
 from selret.evaluation.datasets import RetrievalBenchmark
+from selret.evaluation.learning import LearningSetOverlapError
 from selret.evaluation.methods import Method, as_method, extraction
 from selret.evaluation.metrics import rank_by_inner_product
 from selret.evaluation.report import TOP_KEPT, EvalReport, json_float
 from selret.evaluation.scoring import score
 from selret.features import FeatureMap
+from selret.files import file_digest
 
 
 class _ObservedMap(FeatureMap):
@@ -65,6 +67,18 @@ def encode_data(method: Encoder | Method, data: EvalData) -> tuple[np.ndarray, n
     return db_vecs, q_vecs, float(np.mean(kept))
 
 
+def check_manifest_disjoint(manifest: dict, data: EvalData) -> None:
+    """Raise LearningSetOverlapError if an evaluated image has the content (sha256) of an image
+    the method learned from, by the learning-set manifest of its file."""
+    learned = {sha for _, sha in manifest.get("files", [])}
+    bench = data.benchmark
+    evaluated = [bench.image_path(i) for i in range(len(bench))]
+    evaluated += [bench.query_path(q) for q in bench.queries]
+    overlap = sorted({Path(p) for p in evaluated if file_digest(p) in learned})
+    if overlap:
+        raise LearningSetOverlapError(overlap, len(learned))
+
+
 def _learning_set(
     method: Method, data: EvalData, fitted_here: bool, fitted_on_learn: bool
 ) -> tuple[dict, list[str]]:
@@ -75,6 +89,14 @@ def _learning_set(
         learning = {"name": data.learn_name, "n_images": len(data.learn), "disjoint_checked": True}
         if not fitted_here:
             notes.append("the fit on this learning set was reused from an earlier run")
+    elif manifest := getattr(method, "learning_manifest", lambda: None)():
+        # Fitted elsewhere, but its file lists what it learned from: check the overlap by content.
+        check_manifest_disjoint(manifest, data)
+        learning = {
+            "name": manifest.get("source"),
+            "n_images": int(manifest.get("n_images", len(manifest.get("files", [])))),
+            "disjoint_checked": True,
+        }
     elif summary.n_images:
         learning = {
             "name": "fitted elsewhere (learning set not recorded)",

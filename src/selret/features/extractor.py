@@ -18,9 +18,7 @@ import json
 import logging
 import os
 import time
-from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,11 +32,11 @@ from selret.features.cache import FeatureCache
 from selret.features.featuremap import FeatureMap
 from selret.features.io import PreparedImage, image_size, prepare_image
 from selret.features.keypoints import detect_keypoints
+from selret.features.streaming import DECODE_ERRORS, per_image, prepared_stream, progress_bar
 from selret.files import default_cache_dir
 
 __all__ = [
     "DEFAULT_NUM_WORKERS", "ExtractionReport", "Extractor", "FeatureMaps", "cache_id",
-    "feature_maps_for",
 ]  # fmt: skip
 
 logger = logging.getLogger(__name__)
@@ -49,10 +47,6 @@ DEFAULT_NUM_WORKERS = min(4, os.cpu_count() or 1)
 # Decoded images waiting for a batch partner of the same size; beyond this many (times batch_size)
 # the largest group is run even if incomplete, which bounds memory when sizes vary a lot.
 _PENDING_BATCHES = 4
-
-# What a bad image may raise while it is decoded and prepared. Anything else is a bug and must
-# surface, not be filed as "this image failed".
-_DECODE_ERRORS = (ImageError, OSError, ValueError)
 
 
 @dataclass
@@ -241,7 +235,7 @@ class Extractor:
         cannot be written (finished entries are kept).
         """
         paths = list(paths)
-        with _progress_bar(len(paths), progress, "extract") as bar:
+        with progress_bar(len(paths), progress, "extract") as bar:
             report, _, _ = self._run(paths, bboxes, rotations, log_path, bar)
         return report
 
@@ -255,7 +249,7 @@ class Extractor:
     ) -> FeatureMaps:
         """The maps of ``paths`` as a lazy :class:`FeatureMaps` (missing ones extracted first)."""
         paths = [Path(p) for p in paths]
-        with _progress_bar(len(paths), progress, "extract") as bar:
+        with progress_bar(len(paths), progress, "extract") as bar:
             report, keys, _ = self._run(paths, bboxes, rotations, log_path, bar)
         return FeatureMaps(self.cache, paths, keys, report)
 
@@ -279,9 +273,9 @@ class Extractor:
             raise ValueError(f"errors must be 'skip' or 'raise', got {errors!r}")
         paths = [Path(p) for p in paths]
         n = len(paths)
-        bboxes = _per_image(bboxes, n, "bboxes")
-        rotations = _per_image(rotations, n, "rotations", 0)
-        with _progress_bar(n, progress, "features") as bar:
+        bboxes = per_image(bboxes, n, "bboxes")
+        rotations = per_image(rotations, n, "rotations", 0)
+        with progress_bar(n, progress, "features") as bar:
             for lo in range(0, n, chunk_size):
                 hi = min(lo + chunk_size, n)
                 _, keys, failed = self._run(
@@ -313,8 +307,8 @@ class Extractor:
         jobs = [
             _Job(i, Path(p), bb, rot)
             for i, (p, bb, rot) in enumerate(
-                zip(paths, _per_image(bboxes, n, "bboxes"),
-                    _per_image(rotations, n, "rotations", 0), strict=True)
+                zip(paths, per_image(bboxes, n, "bboxes"),
+                    per_image(rotations, n, "rotations", 0), strict=True)
             )
         ]  # fmt: skip
         report = ExtractionReport(n_total=n)
@@ -335,7 +329,7 @@ class Extractor:
             for job in jobs:
                 try:
                     job.key = self.key(job.path, job.bbox, job.rotation)
-                except _DECODE_ERRORS as exc:
+                except DECODE_ERRORS as exc:
                     fail(job, exc)
                     continue
                 keys[job.index] = job.key
@@ -371,7 +365,7 @@ class Extractor:
             pending: dict[tuple[int, int], list] = {}
             n_pending = 0
             prefetch = max(2 * self.batch_size, 2 * self.num_workers)
-            stream = _prepared_stream(todo, prepare, self.num_workers, prefetch)
+            stream = prepared_stream(todo, prepare, self.num_workers, prefetch)
             # closing(): on Ctrl-C or an error, stop the decoding threads before leaving.
             with closing(stream):
                 for job, result in stream:
@@ -459,68 +453,3 @@ class _Failures:
             self.log.flush()
         self.bar.update(1)
         self.bar.set_postfix(failed=self.report.n_failed, refresh=False)
-
-
-def _per_image(values: Sequence | None, n: int, what: str, default=None) -> list:
-    if values is None:
-        return [default] * n
-    values = list(values)
-    if len(values) != n:
-        raise ValueError(f"{what} has {len(values)} entries for {n} paths")
-    return [default if v is None else v for v in values]
-
-
-def _prepared_stream(jobs, prepare, num_workers: int, prefetch: int) -> Iterator:
-    """``(job, prepare(job))`` for every job, in order, computed up to ``prefetch`` jobs ahead in
-    threads. A bad image's decode error is returned in place of its result, not raised: one bad
-    image must not end the stream. Other exceptions (bugs) propagate."""
-
-    def attempt(job):
-        try:
-            return prepare(job)
-        except _DECODE_ERRORS as exc:
-            return exc
-
-    if num_workers <= 0:
-        for job in jobs:
-            yield job, attempt(job)
-        return
-    with ThreadPoolExecutor(num_workers, thread_name_prefix="selret-decode") as pool:
-        queue: deque[tuple[_Job, Future]] = deque()
-        todo = iter(jobs)
-        try:
-            for job in todo:
-                queue.append((job, pool.submit(attempt, job)))
-                if len(queue) >= prefetch:
-                    break
-            while queue:
-                job, future = queue.popleft()
-                nxt = next(todo, None)
-                if nxt is not None:
-                    queue.append((nxt, pool.submit(attempt, nxt)))
-                yield job, future.result()
-        finally:
-            # On an early exit (an exception, Ctrl-C, a closed generator) drop the queued work.
-            for _, future in queue:
-                future.cancel()
-
-
-def _progress_bar(total: int, progress: bool, desc: str) -> tqdm:
-    return tqdm(total=total, disable=not progress, unit="img", desc=desc, dynamic_ncols=True)
-
-
-def feature_maps_for(
-    paths,
-    config,
-    cache_dir=None,
-    backbone=None,
-    bboxes=None,
-    rotations=None,
-    progress: bool = True,
-    log_path=None,
-    device: str | None = None,
-) -> FeatureMaps:
-    """Shortcut: ``Extractor.for_config(config, ...).maps(paths, ...)``."""
-    extractor = Extractor.for_config(config, cache=cache_dir, backbone=backbone, device=device)
-    return extractor.maps(paths, bboxes=bboxes, rotations=rotations, progress=progress,
-                          log_path=log_path)  # fmt: skip

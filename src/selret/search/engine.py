@@ -88,6 +88,20 @@ class SearchEngine:
         return cls(root, encoder, index, cache_dir)
 
     @classmethod
+    def temporary(
+        cls, encoder: Encoder, kind: str = "exact", cache_dir: str | Path | None = None
+    ) -> SearchEngine:
+        """A new engine in a temporary directory, removed when the process exits (one-off
+        searches of a folder; the feature cache still keeps the maps)."""
+        import atexit
+        import shutil
+        import tempfile
+
+        root = Path(tempfile.mkdtemp(prefix="selret-engine-"))
+        atexit.register(shutil.rmtree, root, ignore_errors=True)
+        return cls.create(root, encoder, kind=kind, cache_dir=cache_dir)
+
+    @classmethod
     def open(cls, root: str | Path, cache_dir: str | Path | None = None) -> SearchEngine:
         """Open the engine at ``root``; refuses an index built with another encoder."""
         root = Path(root)
