@@ -116,8 +116,9 @@ def main() -> None:
     ap.add_argument(
         "--reuse-encoders",
         type=Path,
-        default=None,
-        help="method study: load landmarks-<mask>-<dim>.npz from here when present "
+        nargs="*",
+        default=[],
+        help="method study: load landmarks-<mask>-<dim>.npz from these folders when present "
         "(e.g. the shipped ones) instead of fitting.",
     )
     ap.add_argument("--out", type=Path, default=None, help="Append the tables to this file.")
@@ -179,7 +180,7 @@ def main() -> None:
             args.out,
         )
 
-    maps_all = learn_maps(learn_all) if studies & {"baselines", "method", "curve", "qe"} else None
+    maps_all = learn_maps(learn_all) if studies & {"baselines", "method", "curve", "qe", "fp16"} else None
 
     if "baselines" in studies:
         rows = []
