@@ -4,6 +4,7 @@ is asked, and the default path for someone with only photos."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -105,7 +106,9 @@ def test_photos_only_index_build_then_search(tmp_path, monkeypatch):
     photos.mkdir()
     for p in sorted((data_dir("ukbench-56") / "jpg").glob("*.jpg"))[:8]:
         shutil.copy(p, photos / p.name)
-    monkeypatch.setenv("SELRET_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv(
+        "SELRET_CACHE", os.environ.get("SELRET_TEST_CACHE") or str(tmp_path / "cache")
+    )
     runner = CliRunner()
     built = runner.invoke(app, ["index", "build", str(photos), "--index", str(tmp_path / "idx")])
     assert built.exit_code == 0, built.output
