@@ -180,7 +180,9 @@ def main() -> None:
             args.out,
         )
 
-    maps_all = learn_maps(learn_all) if studies & {"baselines", "method", "curve", "qe", "fp16"} else None
+    maps_all = (
+        learn_maps(learn_all) if studies & {"baselines", "method", "curve", "qe", "fp16"} else None
+    )
 
     if "baselines" in studies:
         rows = []
