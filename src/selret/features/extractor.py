@@ -188,8 +188,9 @@ class Extractor:
 
     # ------------------------------------------------------------------ one image
 
-    def side_for(self, source, rotation: int = 0, name: str | None = None) -> int:
-        """The network-input longest side for ``source`` (``max_side``, or less without upscaling)."""
+    def side_for(self, source, name: str | None = None) -> int:
+        """The network-input longest side for ``source`` (``max_side``, or less without upscaling;
+        a rotation by 90 degrees keeps the longest side, so it does not enter)."""
         if self.upscale:
             return self.max_side
         return min(self.max_side, max(image_size(source, name=name)))
@@ -198,7 +199,7 @@ class Extractor:
         self, source, bbox=None, rotation: int = 0, name: str | None = None
     ) -> PreparedImage:
         """The network-input image of ``source`` (a path or bytes), as this extractor sizes it."""
-        side = self.side_for(source, rotation, name)
+        side = self.side_for(source, name)
         return prepare_image(source, max_side=side, bbox=bbox, rotation=rotation, name=name)
 
     def feature_map(
@@ -214,7 +215,7 @@ class Extractor:
 
     def key(self, path, bbox=None, rotation: int = 0) -> str:
         """The cache key of image file ``path`` (its content, crop, rotation and this config)."""
-        side = self.side_for(path, rotation)
+        side = self.side_for(path)
         return self.cache.key(path, self.cache_id, side, bbox=bbox, rotation=rotation)
 
     # ------------------------------------------------------------------ many images
@@ -410,7 +411,9 @@ class FeatureMaps(Sequence[FeatureMap]):
         for i, (p, key) in enumerate(zip(paths, keys, strict=True)):
             if str(p) in failed:
                 continue
-            if key is None or self.cache.get(key) is None:
+            # _run has read every entry it counted as cached (a corrupt one was re-extracted), so
+            # the file's presence is enough here; reading each map again would double the I/O.
+            if key is None or key not in self.cache:
                 raise CacheError(f"{p}: feature map missing from the cache {cache.root}")
             self.paths.append(Path(p))
             self.indices.append(i)
