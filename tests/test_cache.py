@@ -229,3 +229,31 @@ def test_concurrent_writers_of_different_keys(cache, tmp_path):
     assert len(cache) == 16 and _no_temp_files(cache)
     for i, key in enumerate(keys):
         assert_same(make_map(i), cache.get(key))
+
+
+def test_keys_of_full_decodes_unchanged(tmp_path):
+    """Keys computed by the cache before draft decoding existed (golden values from that
+    version): existing caches stay valid."""
+    path = tmp_path / "golden.bin"
+    path.write_bytes(b"selret cache key golden file\n")
+    cache = FeatureCache(tmp_path / "c")
+    assert cache.key(path, BACKBONE, 1024) == "6e65ac22cf5f-ea1e612f3069384611a9629d03f2f6dd"
+    assert cache.key(path, BACKBONE, 1024, draft=False) == cache.key(path, BACKBONE, 1024)
+    crop = {"bbox": [1, 2, 30, 40.5], "rotation": 90}
+    assert cache.key(path, BACKBONE, 512, **crop) == "39933edfe549-00aa90de2f9e2a5ce9d1065fff97298a"
+    # Draft decodes give other pixels: same config folder, another entry.
+    draft = cache.key(path, BACKBONE, 1024, draft=True)
+    assert draft != cache.key(path, BACKBONE, 1024) and draft.startswith("6e65ac22cf5f-")
+
+
+def test_damage_note_round_trip(cache, image):
+    key = cache.key(image, BACKBONE, 1024)
+    cache.put(key, make_map())
+    fmap, damage = cache.get_entry(key)
+    assert damage is None
+    cache.put(key, make_map(1), damage="corrupt JPEG data (libjpeg: premature end)")
+    fmap, damage = cache.get_entry(key)
+    assert_same(make_map(1), fmap)
+    assert damage == "corrupt JPEG data (libjpeg: premature end)"
+    assert_same(make_map(1), cache.get(key))  # get() returns the map alone
+    assert cache.get_entry(cache.key(image, BACKBONE, 512)) is None

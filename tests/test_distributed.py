@@ -110,7 +110,7 @@ def test_decode_batch_propagates_a_bug(collection, monkeypatch):
     """Only a bad image is a per-image failure; a bug fails the task (and, after Ray's retries,
     the job) instead of filing every image as failed."""
     _, good, _ = collection
-    monkeypatch.setattr(selret.features.io, "resize_longest", _bug)
+    monkeypatch.setattr(selret.features.io, "resize_to", _bug)
     with pytest.raises(TypeError, match="a bug"):
         _decode(good[:1])
 

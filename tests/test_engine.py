@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
+from index_fixtures import ENCODER_CONFIG, make_images
 from typer.testing import CliRunner
 
 from selret.cli import app
@@ -16,32 +16,7 @@ from selret.errors import ConfigMismatchError
 from selret.features.extractor import Extractor
 from selret.search.engine import SearchEngine
 
-CONFIG = dict(weights="random", max_side=96, d=16, k=10, kmeans_iters=5)
-
-
-def make_images(folder: Path, n: int, seed: int) -> list[Path]:
-    """Distinct images: random blobs and lines on random backgrounds."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(n):
-        img = np.full((72, 96, 3), rng.integers(0, 255, 3), np.uint8)
-        for _ in range(6):
-            c = tuple(int(v) for v in rng.integers(0, 255, 3))
-            cv2.circle(
-                img, tuple(int(v) for v in rng.integers(0, 96, 2)), int(rng.integers(4, 20)), c, -1
-            )
-            cv2.line(
-                img,
-                tuple(int(v) for v in rng.integers(0, 96, 2)),
-                tuple(int(v) for v in rng.integers(0, 96, 2)),
-                c,
-                2,
-            )
-        p = folder / f"img{i:02d}.png"
-        cv2.imwrite(str(p), img)
-        paths.append(p)
-    return paths
+CONFIG = ENCODER_CONFIG
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +133,7 @@ def test_cli_fit_encode_index_search(workspace, tmp_path):
     assert r.exit_code == 0, r.output
     assert "added 6" in r.output
     r = runner.invoke(app, ["index", "add", str(eng), str(w["root"] / "db"), *cache])
-    assert "added 0, already indexed 6" in r.output
+    assert "added 0, updated 0, unchanged 6" in r.output
     r = runner.invoke(app, ["index", "info", str(eng), "--json"])
     info = json.loads(r.output)
     assert info["count"] == 6 and info["dim"] == 32

@@ -13,7 +13,7 @@ import typer.main
 from PIL import Image
 
 from selret.cli import app
-from selret.errors import EmptyImageError
+from selret.errors import EmptyImageError, ExitCode
 from selret.features.backbones import load_backbone
 from selret.features.cache import FeatureCache
 from selret.features.extractor import Extractor, cache_id
@@ -269,11 +269,16 @@ def test_cli_reports_failures_and_succeeds(tmp_path, images, capsys):
         str(MAX_SIDE),
     ]
     assert run_cli([*args, "--no-progress", "--log", str(log)]) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert "6 extracted" in out and "2 failed" in out
     assert f"failed: {folder / 'bad_text.jpg'}: CorruptImageError" in out
+    # The folder scan names what it left out, and why (on stderr).
+    assert f"skipped: {folder / 'readme.txt'}: unsupported extension '.txt'" in err
     assert "map 512 x 1 x 2 from a 64 x 48 px input" in out
-    assert len(log.read_text().splitlines()) == 2
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert sorted((Path(r["path"]).name, r["status"]) for r in records) == [
+        ("bad_empty.png", "failed"), ("bad_text.jpg", "failed"), ("readme.txt", "skipped"),
+    ]  # fmt: skip
     assert len(FeatureCache(cache_dir)) == 6
 
 
@@ -282,10 +287,20 @@ def test_cli_env_cache_and_nothing_done(tmp_path, monkeypatch, capsys):
     bad.mkdir()
     (bad / "x.jpg").write_text("nope")
     monkeypatch.setenv("SELRET_CACHE", str(tmp_path / "envcache"))
-    assert run_cli([str(bad), "--weights", "random", "--no-progress"]) == 1
-    assert str(tmp_path / "envcache") in capsys.readouterr().out
-    assert run_cli([str(tmp_path / "missing"), "--weights", "random"]) == 2
-    assert run_cli([str(bad), "--weights", str(tmp_path / "no.pth")]) == 2
+    # Exit codes of selret.errors.ExitCode: nothing usable and a missing input are input errors
+    # (3), unusable weights an encoder/weights error (6).
+    assert run_cli([str(bad), "--weights", "random", "--no-progress"]) == ExitCode.INPUT
+    out, err = capsys.readouterr()
+    assert str(tmp_path / "envcache") in out
+    assert err.startswith(f"error: {bad}: none of the 1 images could be used")
+    assert run_cli([str(tmp_path / "missing"), "--weights", "random"]) == ExitCode.INPUT
+    assert "no such folder or list file" in capsys.readouterr().err
+    (tmp_path / "only-text").mkdir()
+    (tmp_path / "only-text" / "a.txt").write_text("x")
+    assert run_cli([str(tmp_path / "only-text"), "--weights", "random"]) == ExitCode.INPUT
+    out, err = capsys.readouterr()
+    assert "skipped: " in err and "no images found (1 files or folders skipped" in err
+    assert run_cli([str(bad), "--weights", str(tmp_path / "no.pth")]) == ExitCode.ENCODER
 
 
 # --------------------------------------------------------------------------- real weights, real data
@@ -356,9 +371,9 @@ def test_image_without_map_is_an_error_not_a_shorter_list(tmp_path, images, monk
     lost = good(images)[2]
     real_put = cache.put
 
-    def put(key, fmap):  # the entry of one image silently never reaches the disk
+    def put(key, fmap, damage=None):  # the entry of one image silently never reaches the disk
         if key != extractor(Recording(), cache).key(lost):
-            real_put(key, fmap)
+            real_put(key, fmap, damage)
 
     monkeypatch.setattr(cache, "put", put)
     with pytest.raises(CacheError, match=lost.name):
@@ -396,3 +411,69 @@ def test_no_upscale_keeps_small_images_at_their_size(tmp_path, images):
     assert {m.image_size for m in big} == {(60, 80), (80, 60)}
     up = extractor(Recording(), cache, max_side=200).maps(good(images), progress=False)
     assert {m.image_size for m in up} == {(150, 200), (200, 150)}
+
+
+def test_same_content_twice_shares_the_fate_of_the_first(tmp_path, images):
+    """Two files with one content have one cache key: the second is settled with the first, also
+    when the first fails (it used to be counted as cached, and ``maps`` then raised CacheError)."""
+    bad = images[0].parent / "bad_text.jpg"
+    twin_bad = tmp_path / "twin_bad.jpg"
+    twin_bad.write_bytes(bad.read_bytes())
+    twin_good = tmp_path / "twin_good.png"
+    twin_good.write_bytes(good(images)[0].read_bytes())
+    paths = [*images, twin_bad, twin_good]
+    maps = extractor(Recording(), FeatureCache(tmp_path / "cache")).maps(paths, progress=False)
+    report = maps.report
+    assert (report.n_total, report.n_extracted, report.n_cached, report.n_failed) == (10, 6, 1, 3)
+    assert dict(report.failed)[str(twin_bad)].startswith("CorruptImageError")
+    assert twin_good in maps.paths and len(maps) == 7
+
+
+def _damaged_jpeg(folder: Path) -> Path:
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(5).integers(0, 256, (60, 80, 3), np.uint8)).save(
+        buf, "JPEG"
+    )
+    path = folder / "damaged.jpg"
+    path.write_bytes(buf.getvalue() + b"trailing garbage after the end marker")
+    return path
+
+
+def test_damaged_refused_by_default_accepted_when_not_strict(tmp_path, images):
+    damaged = _damaged_jpeg(tmp_path)
+    cache = FeatureCache(tmp_path / "cache")
+    log = tmp_path / "log.jsonl"
+    paths = [*good(images), damaged]
+    report = extractor(Recording(), cache).extract(paths, progress=False, log_path=log)
+    assert dict(report.failed)[str(damaged)].startswith("CorruptImageError: damaged image data")
+    assert report.damaged == []
+
+    lenient = extractor(Recording(), cache, strict=False)
+    report = lenient.extract(paths, progress=False, log_path=log)
+    assert (report.n_extracted, report.n_cached, report.n_failed) == (1, 6, 0)
+    assert [p for p, _ in report.damaged] == [str(damaged)]
+    assert "1 with damaged data" in report.summary()
+    fmap, note = cache.get_entry(lenient.key(damaged))
+    assert "trailing data" in note and fmap.features.ndim == 3
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["status"] for r in records] == ["failed", "damaged"]
+
+    # A strict run refuses it again, although its map is cached (the entry says it is damaged).
+    report = extractor(Recording(), cache).extract(paths, progress=False)
+    assert "cached by a run that accepted it" in dict(report.failed)[str(damaged)]
+    assert report.n_cached == 6
+
+
+def test_draft_extraction_is_cached_apart(tmp_path):
+    path = tmp_path / "big.jpg"
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (300, 400, 3), np.uint8)).save(path)
+    cache = FeatureCache(tmp_path / "cache")
+    full, draft = extractor(Recording(), cache), extractor(Recording(), cache, draft=True)
+    assert full.key(path) != draft.key(path)
+    assert draft.extract([path], progress=False).n_extracted == 1
+    assert full.extract([path], progress=False).n_extracted == 1  # not served the draft map
+    assert len(cache) == 2
+    assert draft.prepare(path).size == full.prepare(path).size == (48, 64)
+    assert "draft=True" in repr(draft)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import selret.numerics as numerics
-import selret.search.store as store_mod
+import selret.search.storage as storage_mod
 import selret.search.vectors as vectors_mod
 from selret.errors import ConfigMismatchError, CorruptIndexError, IndexConflictError
 from selret.numerics import blas_brute_force
@@ -403,7 +403,7 @@ def test_ids_are_stable_after_remove_and_never_reused(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "failing", ["_write_vectors", "_write_catalog", "_write_manifest", "_commit_pointer"]
+    "failing", ["write_vectors", "write_catalog", "write_manifest", "commit_pointer"]
 )
 def test_save_is_atomic_under_a_crash(tmp_path, monkeypatch, failing):
     root = tmp_path / "idx"
@@ -416,7 +416,7 @@ def test_save_is_atomic_under_a_crash(tmp_path, monkeypatch, failing):
     def crash(*args, **kwargs):
         raise OSError("disk on fire")
 
-    monkeypatch.setattr(store_mod, failing, crash)
+    monkeypatch.setattr(storage_mod, failing, crash)
     with pytest.raises(OSError, match="disk on fire"):
         index.save()
     old = ImageIndex.open(root, expected_fingerprint="fp-A")  # consistency checked on open

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import io
-import struct
-import zlib
+import logging
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
+from badfiles import base_image, png_header_only
 from PIL import Image
 
 from selret.errors import (
@@ -174,18 +177,6 @@ def test_exif_orientation_6_rotates_clockwise(tmp_path):
 # --------------------------------------------------------------------------- bad input
 
 
-def _png_header_only(width: int, height: int) -> bytes:
-    """A PNG signature + IHDR claiming ``width`` x ``height`` and no pixel data."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-        )
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
-
-
 def _raises(exc_type, source, match_path: str, **kw) -> ImageError:
     with pytest.raises(exc_type) as info:
         load_image(source, **kw)
@@ -227,14 +218,14 @@ def test_text_renamed_jpg(tmp_path):
 
 
 def test_decompression_bomb_header(tmp_path):
-    (tmp_path / "bomb.png").write_bytes(_png_header_only(100_000, 100_000))
+    (tmp_path / "bomb.png").write_bytes(png_header_only(100_000, 100_000))
     _raises(ImageTooLargeError, tmp_path / "bomb.png", "bomb.png")
 
 
 def test_max_pixels_checked_before_decoding(tmp_path):
     # 9000 x 9000 is below Pillow's own limit; the file has no pixel data at all, so only a check on
     # the header (not a decode) can give ImageTooLargeError rather than CorruptImageError.
-    (tmp_path / "big.png").write_bytes(_png_header_only(9000, 9000))
+    (tmp_path / "big.png").write_bytes(png_header_only(9000, 9000))
     err = _raises(ImageTooLargeError, tmp_path / "big.png", "big.png")
     assert "81000000" in err.reason
     with pytest.raises(CorruptImageError):
@@ -382,3 +373,224 @@ def test_image_size_reads_header_and_exif_orientation(tmp_path):
     bad.write_bytes(b"not an image")
     with pytest.raises(CorruptImageError):
         image_size(bad)
+
+
+# --------------------------------------------------------------------------- damaged data
+
+
+def _jpeg(rgb: np.ndarray, **kw) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "JPEG", quality=90, **kw)
+    return buf.getvalue()
+
+
+def _scan_middle(data: bytes) -> int:
+    sos = data.index(b"\xff\xda")
+    start = sos + 2 + int.from_bytes(data[sos + 2 : sos + 4], "big")
+    return (start + len(data)) // 2
+
+
+def _damaged(tmp_path, name: str, data: bytes, expected_reason: str, caplog) -> np.ndarray:
+    """``data`` is refused by default with ``expected_reason``; accepted with a logged warning
+    (naming the file and the reason) under strict=False. Returns the accepted pixels."""
+    path = tmp_path / name
+    path.write_bytes(data)
+    err = _raises(CorruptImageError, path, name)
+    assert err.reason.startswith("damaged image data") and expected_reason in err.reason
+    with caplog.at_level(logging.WARNING, logger="selret.features.io"):
+        rgb = load_image(path, strict=False)
+    assert any(name in r.getMessage() and expected_reason in r.getMessage() for r in caplog.records)
+    prepared = prepare_image(path, max_side=64, strict=False)
+    assert expected_reason in prepared.damage
+    assert prepare_image(data, max_side=64, strict=False).damage == prepared.damage  # bytes too
+    return rgb
+
+
+@pytest.mark.parametrize("progressive", [False, True])
+def test_jpeg_corrupt_middle_refused(tmp_path, caplog, progressive):
+    data = _jpeg(base_image(), progressive=progressive)
+    at = _scan_middle(data)
+    # 200 zero bytes: the entropy decoder runs out of sync (libjpeg warns and fills in grey).
+    bad = data[:at] + b"\x00" * 200 + data[at + 200 :]
+    clean = load_image(data)
+    rgb = _damaged(
+        tmp_path, "zeroed.jpg", bad, "corrupt JPEG data (libjpeg: Corrupt JPEG data", caplog
+    )
+    assert np.abs(rgb.astype(int) - clean).mean() > 1  # the accepted pixels are really damaged
+
+
+def test_jpeg_trailing_garbage_refused(tmp_path, caplog):
+    data = _jpeg(base_image())
+    rgb = _damaged(
+        tmp_path, "tail.jpg", data + b"<html>junk</html>" * 4, "68 bytes of trailing data", caplog
+    )
+    np.testing.assert_array_equal(rgb, load_image(data))  # the pixels themselves are intact
+
+
+@pytest.mark.parametrize(
+    "trailer",
+    [b"\x00" * 100, b"\xff" * 7, "another jpeg", b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 16],
+    ids=["zeros", "ff-padding", "appended-jpeg", "motion-photo-mp4"],
+)
+def test_jpeg_known_trailers_accepted(trailer):
+    data = _jpeg(base_image())
+    trailer = _jpeg(base_image(32, 32)) if trailer == "another jpeg" else trailer
+    np.testing.assert_array_equal(load_image(data + trailer), load_image(data))
+
+
+def test_png_crc_mismatch_and_trailing_garbage_refused(tmp_path, caplog):
+    buf = io.BytesIO()
+    Image.fromarray(base_image()).save(buf, "PNG")
+    png = buf.getvalue()
+    crc_at = (
+        png.index(b"IDAT")
+        + 4
+        + int.from_bytes(png[png.index(b"IDAT") - 4 : png.index(b"IDAT")], "big")
+    )
+    bad_crc = png[:crc_at] + bytes(b ^ 1 for b in png[crc_at : crc_at + 4]) + png[crc_at + 4 :]
+    rgb = _damaged(tmp_path, "crc.png", bad_crc, "CRC mismatch in the 'IDAT' chunk", caplog)
+    np.testing.assert_array_equal(rgb, base_image())
+    _damaged(
+        tmp_path, "tail.png", png + b"junk" * 5, "20 bytes of trailing data after the PNG", caplog
+    )
+    np.testing.assert_array_equal(load_image(png + b"\x00" * 8), base_image())  # padding is fine
+
+
+@pytest.mark.parametrize("bad_value", [np.nan, np.inf, -np.inf])
+def test_float_tiff_with_nan_or_inf_refused(tmp_path, caplog, bad_value):
+    values = np.linspace(0, 1, 48 * 64, dtype=np.float32).reshape(48, 64)
+    values[5:10, 7:9] = bad_value
+    path = save(Image.fromarray(values, mode="F"), tmp_path / "f.tif")
+    rgb = _damaged(
+        tmp_path, "f.tif", path.read_bytes(), "10 of 3072 pixels are NaN or infinite", caplog
+    )
+    assert (rgb[5:10, 7:9] == 0).all()  # accepted: the non-finite pixels become black
+
+
+def test_clean_files_of_every_checked_format_pass(tmp_path):
+    """No false alarm on clean files (the real photos of the data sets are checked in
+    test_badfiles_io)."""
+    rgb = base_image()
+    for fmt, kw in [
+        ("JPEG", {}),
+        ("JPEG", {"progressive": True}),
+        ("PNG", {}),
+        ("PNG", {"optimize": True}),
+    ]:
+        buf = io.BytesIO()
+        Image.fromarray(rgb).save(buf, fmt, **kw)
+        load_image(buf.getvalue())  # strict: raises on any damage
+
+
+def test_damage_check_leaves_stderr_alone(capfd):
+    """The libjpeg warnings are captured, not printed; other output written meanwhile survives."""
+    data = _jpeg(base_image())
+    at = _scan_middle(data)
+    bad = data[:at] + b"\x00" * 200 + data[at + 200 :]
+    print("before", file=sys.stderr, flush=True)
+    with pytest.raises(CorruptImageError):
+        load_image(bad)
+    print("after", file=sys.stderr, flush=True)
+    err = capfd.readouterr().err
+    assert "before" in err and "after" in err and "Corrupt JPEG" not in err
+
+
+# --------------------------------------------------------------------------- draft decoding
+
+
+def _photo(h: int, w: int) -> np.ndarray:
+    return np.asarray(Image.fromarray(base_image()).resize((w, h), Image.Resampling.BICUBIC))
+
+
+@pytest.mark.parametrize(
+    ("size", "draft_size", "expected"),
+    [
+        ((800, 1200), (200, 300), (200, 300)),  # 1/4 exactly
+        ((800, 1200), (201, 300), (400, 600)),  # 1/4 would lose a row: 1/2
+        ((800, 1200), (90, 100), (100, 150)),  # 1/8 is the most libjpeg does
+        ((800, 1200), (900, 1300), (800, 1200)),  # more than the file: full size
+        ((683, 1024), (342, 512), (342, 512)),  # ceil(683 / 2) = 342 is enough
+        ((683, 1024), (343, 512), (683, 1024)),
+        ((17, 1000), (1, 100), (3, 125)),  # 1/8, though 17 // 1 would let Pillow go further
+    ],
+)
+def test_load_image_draft_size(size, draft_size, expected):
+    data = _jpeg(_photo(*size))
+    assert load_image(data, draft_size=draft_size).shape[:2] == expected
+
+
+def test_draft_size_follows_exif_orientation():
+    stored = _photo(400, 800)  # landscape as stored, displayed portrait (orientation 6)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = _jpeg(stored, exif=exif.tobytes())
+    # Upright the image is 800 x 400 (h x w): asking for 200 x 100 allows 1/4 on both sides.
+    assert load_image(data, draft_size=(200, 100)).shape[:2] == (200, 100)
+    assert load_image(data, draft_size=(100, 200)).shape[:2] == (400, 200)  # 1/2 keeps w >= 200
+
+
+def test_draft_only_changes_jpeg(tmp_path):
+    path = save(Image.fromarray(_photo(800, 1200)), tmp_path / "a.png")
+    np.testing.assert_array_equal(load_image(path, draft_size=(100, 150)), load_image(path))
+
+
+@pytest.mark.parametrize(
+    ("bbox", "rotation"),
+    [(None, 0), (None, 90), ([100, 150, 900, 700], 0), ([33.3, 10, 500.5, 399], -90)],
+)
+def test_prepare_draft_same_geometry_close_pixels(bbox, rotation):
+    data = _jpeg(_photo(800, 1200))
+    full = prepare_image(data, max_side=256, bbox=bbox, rotation=rotation)
+    draft = prepare_image(data, max_side=256, bbox=bbox, rotation=rotation, draft=True)
+    # Same geometry, in the file's pixels: size, scale, original size, crop box.
+    assert (draft.size, draft.scale, draft.original_size, draft.bbox) == (
+        full.size, full.scale, full.original_size, full.bbox,
+    )  # fmt: skip
+    diff = np.abs(draft.rgb.astype(int) - full.rgb.astype(int))
+    assert diff.mean() < 3.0, diff.mean()
+
+
+def test_prepare_draft_keeps_at_least_the_network_size():
+    # 1200 px wide at max_side 300: 1/4 gives exactly 300 px; at 301 it must stay at 1/2.
+    data = _jpeg(_photo(800, 1200))
+    assert prepare_image(data, max_side=300, draft=True).size == (200, 300)
+    assert prepare_image(data, max_side=301, draft=True).size == (201, 301)
+    # Up-scaling (max_side above the file's size) decodes in full: nothing to reduce.
+    np.testing.assert_array_equal(
+        prepare_image(data, max_side=1500, draft=True).rgb, prepare_image(data, max_side=1500).rgb
+    )
+
+
+def test_max_pixels_applies_to_the_draft_size():
+    data = _jpeg(_photo(800, 1200))  # 0.96 MP
+    with pytest.raises(ImageTooLargeError, match="exceeds the limit of 500000"):
+        prepare_image(data, max_side=256, max_pixels=500_000)
+    # Decoded at 1/4 (200 x 300 = 60000 px) it is within the cap, checked before decoding.
+    assert prepare_image(data, max_side=256, max_pixels=500_000, draft=True).size == (171, 256)
+
+
+_RSS_SCRIPT = """
+import resource, sys
+from selret.features.io import prepare_image
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+prepare_image(sys.argv[1], max_side=512, draft=sys.argv[2] == "draft", max_pixels=None)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="ru_maxrss in KiB is Linux's")
+def test_draft_memory_follows_the_network_input(tmp_path):
+    """A 6000 x 4000 JPEG prepared at 512 px: the full decode holds 72 MB of RGB (more with
+    Pillow's padding), the 1/8 draft 1.1 MB; measured as the peak-RSS growth of a fresh process."""
+    path = tmp_path / "big.jpg"
+    Image.fromarray(base_image()).resize((6000, 4000), Image.Resampling.BILINEAR).save(path)
+    growth = {}
+    for mode in ("full", "draft"):
+        out = subprocess.run(
+            [sys.executable, "-c", _RSS_SCRIPT, str(path), mode],
+            capture_output=True, text=True, check=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )  # fmt: skip
+        growth[mode] = int(out.stdout.split()[-1])
+    assert growth["full"] > 70, growth  # MiB
+    assert growth["draft"] < growth["full"] / 4, growth

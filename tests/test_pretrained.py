@@ -125,3 +125,20 @@ def test_photos_only_index_build_then_search(tmp_path, monkeypatch):
         "00002.jpg",
         "00003.jpg",
     }
+
+
+def test_encoder_file_with_non_finite_values_is_refused(tmp_path):
+    from selret.encoding.persistence import EncoderFileError, read_encoder
+    from selret.errors import EncoderError, ExitCode
+
+    src = pretrained_path(default_name())
+    with np.load(src, allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files}
+    name = next(k for k in arrays if k != "__header__" and arrays[k].dtype.kind == "f")
+    arrays[name] = arrays[name].copy()
+    arrays[name].flat[0] = np.nan
+    bad = tmp_path / "nan.npz"
+    np.savez(bad, **arrays)
+    with pytest.raises(EncoderFileError, match="non-finite") as info:
+        read_encoder(bad)
+    assert isinstance(info.value, EncoderError) and info.value.exit_code == ExitCode.ENCODER

@@ -2,7 +2,10 @@
 
 import typer
 
+from selret.cli._errors import ReportingGroup
+
 app = typer.Typer(
+    cls=ReportingGroup,
     name="selret",
     help="Selective deep convolutional features for image retrieval: extract, fit, encode, index, search, evaluate, serve.",
     no_args_is_help=True,
@@ -22,7 +25,14 @@ def _global_options(
         help="Threads for torch, faiss and BLAS in this process [default: all cores]. One thread "
         "per process is fastest when several selret processes share a machine.",
     ),
+    debug: bool = typer.Option(
+        False,
+        "--debug",
+        envvar="SELRET_DEBUG",
+        help="Show the full traceback of an error instead of its one-line summary.",
+    ),
 ) -> None:
+    # ``debug`` is read by ReportingGroup from the parsed parameters.
     if threads is not None:
         # Imported here: torch and faiss make `selret --help` slow.
         from selret.threads import set_threads

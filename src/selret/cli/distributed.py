@@ -8,17 +8,13 @@ from pathlib import Path
 import typer
 
 from selret.cli._app import app
+from selret.cli._errors import fail
 
 distributed_app = typer.Typer(
     help="Encode large collections with Ray Data into vector shards, and ingest the shards into an index.",
     no_args_is_help=True,
 )
 app.add_typer(distributed_app, name="distributed")
-
-
-def _fail(exc: Exception) -> None:
-    typer.echo(f"error: {exc}", err=True)
-    raise typer.Exit(2)
 
 
 def _parse_concurrency(value: str | None) -> int | tuple[int, int] | None:
@@ -77,7 +73,7 @@ def encode(
             cpus_per_worker=cpus_per_worker,
         )  # fmt: skip
     except (SelretError, ValueError, FileNotFoundError) as exc:
-        _fail(exc)
+        fail(exc)
     for path, reason in summary.failed:
         typer.echo(f"failed {path}: {reason}", err=True)
     typer.echo(summary.summary())
@@ -106,7 +102,7 @@ def ingest(
     try:
         report = ingest_shards(shards, index, encoder_path=encoder_path, kind=kind)
     except (SelretError, ValueError, FileNotFoundError, FileExistsError) as exc:
-        _fail(exc)
+        fail(exc)
     for failure in report.failures:
         typer.echo(
             f"not encoded {failure['path']}: {failure['error']}: {failure['reason']}", err=True

@@ -30,16 +30,11 @@ ENCODER_HELP = (
 def load_encoder(name_or_path: str | None):
     """The encoder a command was given, or the default pre-trained one; says which on stderr."""
     from selret.encoding.pretrained import default_name, resolve_encoder
-    from selret.errors import SelretError
 
     chosen = name_or_path or default_name()
     if chosen is None:
         raise typer.BadParameter("no encoder given and no pre-trained encoder is installed")
-    try:
-        encoder = resolve_encoder(chosen)
-    except SelretError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+    encoder = resolve_encoder(chosen)  # an unusable one: one error line, exit code 6
     if name_or_path is None:
         typer.echo(
             f"encoder: {chosen} (pre-trained, shipped with selret; D={encoder.dim}, "
@@ -130,17 +125,15 @@ def fit(
     The file's header records how it was made: this command line, the learning-set manifest (file
     names and sha256), the selret version, D, the mask and the encoder's fingerprint.
     """
+    from selret.cli._scan import images
     from selret.encoding.encoder import Encoder
     from selret.features.extractor import Extractor
-    from selret.files import list_images
 
     config = config_from_options(preset, dict(
         mask=mask, embedding=embedding, aggregation=aggregation, d=d, k=k, alpha=alpha,
         rotation=rotation, drop=drop, weights=weights, layer=layer, max_side=max_side, seed=seed,
     ))  # fmt: skip
-    paths = list_images(learn)
-    if not paths:
-        raise typer.BadParameter(f"{learn}: no images found", param_hint="LEARN")
+    paths = images(learn)
     extractor = Extractor.for_config(config, cache=cache, device=device, upscale=upscale)
     maps = extractor.maps(paths, progress=True)
     _report_failures(maps.report)
@@ -170,13 +163,12 @@ def encode(
     """Encode images into global vectors with a fitted encoder."""
     import numpy as np
 
+    from selret.cli._scan import images
     from selret.features.extractor import Extractor
-    from selret.files import atomic_write, list_images
+    from selret.files import atomic_write
 
     encoder = load_encoder(encoder_name)
-    paths = list_images(input)
-    if not paths:
-        raise typer.BadParameter(f"{input}: no images found", param_hint="INPUT")
+    paths = images(input)
     maps = Extractor.for_config(encoder.config, cache=cache, device=device).maps(paths)
     _report_failures(maps.report)
     # The GPU when there is one, for the per-feature stages too.

@@ -13,6 +13,7 @@ from pathlib import Path
 import typer
 
 from selret.cli._app import app
+from selret.cli._errors import fail
 from selret.cli.encoder import ENCODER_HELP, load_encoder
 
 
@@ -36,11 +37,6 @@ def _load(dataset: str, root: Path | None, protocol: str | None):
     from selret.evaluation.datasets import load_benchmark
 
     return load_benchmark(dataset, root=root, protocol=protocol)
-
-
-def _fail(exc: Exception) -> None:
-    typer.echo(f"error: {exc}", err=True)
-    raise typer.Exit(2)
 
 
 def _slug(text: str) -> str:
@@ -149,7 +145,7 @@ def eval_(
             progress=progress,
         )
     except (SelretError, ValueError, FileNotFoundError) as exc:
-        _fail(exc)
+        fail(exc)
     out = out or Path("runs") / _slug(
         f"eval-{bench.name}-{bench.protocol}-{report.label}-{report.method.get('mask')}"
     )
@@ -301,7 +297,7 @@ def experiment(
                 masks=mask_list or ("max",), presets=_csv(presets) or ("temb-demo-512", "temb-demo-1024"),
             )  # fmt: skip
     except (SelretError, ValueError, FileNotFoundError) as exc:
-        _fail(exc)
+        fail(exc)
     out = out or Path("runs") / _slug(f"experiment-{name.value}-{bench.name}-{bench.protocol}")
     files = result.save(out)
     typer.echo(result.to_markdown())

@@ -62,56 +62,66 @@ def extract(
     workers: int | None = typer.Option(
         None, help="Decoding threads [default: min(4, CPUs)]; 0 decodes in the main thread."
     ),
-    log: Path | None = typer.Option(None, "--log", help="Append failed images to this JSONL file."),
+    log: Path | None = typer.Option(
+        None, "--log", help="Append skipped, failed and damaged files to this JSONL file."
+    ),
+    accept_damaged: bool = typer.Option(
+        False,
+        "--accept-damaged",
+        help="Use images whose data is damaged but decodable (corrupt JPEG data, trailing garbage, "
+        "NaN pixels), with a warning, instead of refusing them.",
+    ),
+    draft: bool = typer.Option(
+        False,
+        "--draft",
+        help="Decode JPEGs at 1/2, 1/4 or 1/8 scale when that still covers --max-side (faster, less "
+        "memory; maps differ slightly and are cached apart from full decodes).",
+    ),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Extract conv feature maps and SIFT keypoints of images into the feature cache.
 
-    Already cached images are skipped, so an interrupted run resumes. Images that cannot be read
-    are listed with the reason and do not stop the run; the exit code is non-zero only when no
-    image could be processed.
+    Already cached images are skipped, so an interrupted run resumes. Files a folder scan leaves
+    out (other extensions, hidden files, broken links, FIFOs) and images that cannot be used are
+    listed with the reason and do not stop the run. Exit code 0 when at least one image was
+    extracted or found cached; 3 when none was (no image found, or every one failed) or the input
+    does not exist; 6 for unusable weights; 1 when the cache cannot be written.
     """
     # Heavy imports here, so that `selret --help` stays fast.
-    from selret.errors import SelretError
+    from selret.errors import NoImagesError
     from selret.features.cache import FeatureCache
     from selret.features.extractor import DEFAULT_NUM_WORKERS, Extractor
-    from selret.files import list_images
+    from selret.files import scan_images
 
-    try:
-        paths = list_images(input)
-    except (FileNotFoundError, OSError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
-    if not paths:
-        typer.echo(f"error: {input}: no images found", err=True)
-        raise typer.Exit(1)
+    scan = scan_images(input)
+    report_skipped(scan, log)
+    if not scan.images:
+        raise NoImagesError(input, _nothing_found(scan))
+    paths = scan.images
     extractor = Extractor(
         weights, layer, max_side, upscale=upscale,
         cache=FeatureCache(cache or default_cache_dir(), storage=storage.value),
         device=device.value, dtype=dtype.value, batch_size=batch_size,
         num_workers=DEFAULT_NUM_WORKERS if workers is None else workers,
+        draft=draft, strict=not accept_damaged,
     )  # fmt: skip
-    try:
-        backbone = extractor.backbone
-    except (SelretError, ValueError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+    backbone = extractor.backbone
     size = f"max_side {max_side}" + ("" if upscale else ", no up-scaling")
+    size += ", draft JPEG decoding" if draft else ""
     typer.echo(
         f"{len(paths)} images -> {extractor.cache.root} ({extractor.cache_id}, {size}, "
         f"{backbone.device}, {dtype.value})"
     )
-    try:
-        report = extractor.extract(paths, progress=progress, log_path=log)
-    except SelretError as exc:  # the cache cannot be written; finished entries are kept
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
+    # A CacheError (the cache cannot be written) ends the run; finished entries are kept.
+    report = extractor.extract(paths, progress=progress, log_path=log)
 
     typer.echo(report.summary())
     for path, reason in report.failed:
         typer.echo(f"  failed: {path}: {reason}")
-    if log is not None and report.failed:
-        typer.echo(f"failures appended to {log}")
+    for path, reason in report.damaged:
+        typer.echo(f"  damaged, used anyway: {path}: {reason}")
+    if log is not None and (report.failed or report.damaged):
+        typer.echo(f"failed and damaged images appended to {log}")
     example = _example_map(paths, report.failed, extractor)
     if example is not None:
         path, fmap = example
@@ -121,7 +131,42 @@ def extract(
             f"{fmap.image_size[0]} px input, {len(fmap.keypoints)} SIFT keypoints"
         )
     if report.n_extracted + report.n_cached == 0:
-        raise typer.Exit(1)
+        raise NoImagesError(input, f"none of the {len(paths)} images could be used")
+
+
+#: Skipped files listed one by one on the terminal; beyond that, only counts (all are in --log).
+MAX_LISTED = 50
+
+
+def report_skipped(scan, log: Path | None = None, err: bool = True) -> None:
+    """Print what the folder scan ``scan`` left out and why (on stderr by default: a command's
+    stdout may carry JSON), and append it to the JSONL ``log``."""
+    if not scan.skipped:
+        return
+    counts = ", ".join(f"{n} {kind}" for kind, n in scan.skipped_counts().items())
+    typer.echo(f"skipped {len(scan.skipped)} files or folders ({counts}):", err=err)
+    for item in scan.skipped[:MAX_LISTED]:
+        typer.echo(f"  skipped: {item.path}: {item.reason}", err=err)
+    more = len(scan.skipped) - MAX_LISTED
+    if more > 0:
+        where = f"listed in {log}" if log is not None else "--log FILE lists them all"
+        typer.echo(f"  ... and {more} more ({where})", err=err)
+    if log is not None:
+        import json
+        import time
+
+        log.parent.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        with open(log, "a", encoding="utf-8") as fh:
+            for item in scan.skipped:
+                record = {"path": str(item.path), "status": "skipped", "kind": item.kind}
+                fh.write(json.dumps({**record, "reason": item.reason, "time": stamp}) + "\n")
+
+
+def _nothing_found(scan) -> str:
+    if scan.skipped:
+        return f"no images found ({len(scan.skipped)} files or folders skipped, listed above)"
+    return "no images found"
 
 
 def _example_map(paths, failed, extractor):

@@ -1,4 +1,5 @@
-"""``selret index build|add|remove|info`` and ``selret search``: a persistent searchable index."""
+"""``selret index build|add|sync|remove|info|verify`` and ``selret search``: a persistent
+searchable index that follows its image files by content."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 import typer
 
 from selret.cli._app import app
+from selret.cli._scan import images as _images
 from selret.cli.encoder import ENCODER_HELP, load_encoder
 
 index_app = typer.Typer(
@@ -17,31 +19,53 @@ index_app = typer.Typer(
 app.add_typer(index_app, name="index")
 
 ENGINE_HELP = "Index directory (holds encoder.npz and index/)."
+TARGETS_HELP = "IMAGES (a folder or a list file) with --index DIR, or the older ENGINE_DIR IMAGES."
+LOCK_TIMEOUT_HELP = (
+    "Seconds to wait for another writer of the same index to finish (the work done so far is "
+    "kept while waiting)."
+)
+DEFAULT_LOCK_TIMEOUT = 600.0
 
 
-def _images(source: Path) -> list[Path]:
-    from selret.files import list_images
-
-    paths = list_images(source)
-    if not paths:
-        raise typer.BadParameter(f"{source}: no images found")
-    return paths
+def _print_failures(failed) -> None:
+    for path, reason in failed:
+        typer.echo(f"  failed {path}: {reason}", err=True)
 
 
 def _print_add_report(report) -> None:
-    typer.echo(
-        f"added {report.added}, already indexed {report.skipped}, failed {len(report.failed)}"
-    )
-    for path, reason in report.failed:
-        typer.echo(f"  failed {path}: {reason}", err=True)
+    typer.echo(report.summary())
+    _print_failures(report.failed)
+
+
+def _targets(args: list[Path], index_dir: Path | None) -> tuple[Path, Path]:
+    """(engine dir, images) from ``IMAGES --index DIR`` or the older ``ENGINE_DIR IMAGES``."""
+    if index_dir is not None and len(args) == 1:
+        return index_dir, args[0]
+    if index_dir is None and len(args) == 2:
+        return args[0], args[1]
+    raise typer.BadParameter("give IMAGES --index DIR (or ENGINE_DIR IMAGES)")
+
+
+def _engine_dir(arg: Path | None, index_dir: Path | None) -> Path:
+    if (arg is None) == (index_dir is None):
+        raise typer.BadParameter("give the index as --index DIR (or as the argument ENGINE_DIR)")
+    return arg if arg is not None else index_dir
+
+
+def _waiting(engine_dir: Path, timeout: float):
+    def on_wait(holder: str) -> None:
+        typer.echo(
+            f"{engine_dir}: waiting for another writer ({holder}) to finish, up to {timeout:g} s "
+            "(--lock-timeout)",
+            err=True,
+        )
+
+    return on_wait
 
 
 @index_app.command("build")
 def build(
-    args: list[Path] = typer.Argument(
-        ...,
-        help="IMAGES (a folder or a list file) with --index DIR, or the older ENGINE_DIR IMAGES.",
-    ),
+    args: list[Path] = typer.Argument(..., help=TARGETS_HELP),
     index_dir: Path | None = typer.Option(None, "--index", "-i", help=ENGINE_HELP),
     encoder_name: str | None = typer.Option(None, "--encoder", "-e", help=ENCODER_HELP),
     learn: Path | None = typer.Option(
@@ -55,15 +79,22 @@ def build(
     cache: Path | None = typer.Option(
         None, help="Feature cache [$SELRET_CACHE or ~/.cache/selret/features]."
     ),
+    force: bool = typer.Option(
+        False, "--force", help="Replace an index already at DIR (once the new one is complete)."
+    ),
 ) -> None:
     """Create an index of IMAGES with an encoder (default: the default pre-trained one, or one fitted
-    on --learn)."""
+    on --learn). All or nothing: built in a temporary folder and renamed to DIR at the end; fails
+    (exit 3) and leaves nothing when no image could be indexed."""
     from selret.encoding.encoder import Encoder
-    from selret.search.engine import SearchEngine
+    from selret.errors import NoImagesError
+    from selret.search.engine import SearchEngine, check_build_target
 
-    engine_dir, images = _build_targets(args, index_dir)
+    engine_dir, images = _targets(args, index_dir)
     if encoder_name is not None and learn is not None:
         raise typer.BadParameter("give at most one of --encoder and --learn")
+    check_build_target(engine_dir, force)  # before any encoder is loaded or fitted
+    paths = _images(images)
     if learn is None:
         encoder = load_encoder(encoder_name)
     else:
@@ -73,57 +104,97 @@ def build(
         config = config_from_options(preset, dict(mask=mask, max_side=max_side, weights=weights))
         maps = Extractor.for_config(config, cache=cache).maps(_images(learn))
         encoder = Encoder(config).fit(maps, progress=True)
-    engine = SearchEngine.create(engine_dir, encoder, kind=kind, cache_dir=cache)
-    _print_add_report(engine.add_images(_images(images)))
+    try:
+        engine, report = SearchEngine.build(
+            engine_dir, encoder, paths, kind=kind, cache_dir=cache, force=force
+        )
+    except NoImagesError as exc:
+        _print_failures(getattr(exc, "failed", []))
+        raise
+    _print_add_report(report)
     typer.echo(f"{engine_dir}: {len(engine.index)} images, {encoder!r}")
 
 
-def _build_targets(args: list[Path], index_dir: Path | None) -> tuple[Path, Path]:
-    if index_dir is not None and len(args) == 1:
-        return index_dir, args[0]
-    if index_dir is None and len(args) == 2:
-        return args[0], args[1]
-    raise typer.BadParameter("give IMAGES --index DIR (or ENGINE_DIR IMAGES)")
+def _update_command(args, index_dir, cache, lock_timeout, sync: bool) -> None:
+    from selret.search.engine import SearchEngine
+
+    engine_dir, images = _targets(args, index_dir)
+    engine = SearchEngine.open(engine_dir, cache_dir=cache)  # fails fast on a bad index
+    paths = _images(images)
+    waits = dict(lock_timeout=lock_timeout, on_wait=_waiting(engine_dir, lock_timeout))
+    if sync:
+        folder = images if images.is_dir() else None
+        report = engine.sync_images(paths, folder=folder, **waits)
+    else:
+        report = engine.add_images(paths, **waits)
+    _print_add_report(report)
+    typer.echo(f"{engine_dir}: {len(engine.index)} images")
 
 
 @index_app.command("add")
 def add(
-    engine_dir: Path = typer.Argument(..., help=ENGINE_HELP),
-    images: Path = typer.Argument(
-        ..., help="Images to add: a folder or a list file. Indexed ones are skipped."
-    ),
+    args: list[Path] = typer.Argument(..., help=TARGETS_HELP),
+    index_dir: Path | None = typer.Option(None, "--index", "-i", help=ENGINE_HELP),
     cache: Path | None = typer.Option(None, help="Feature cache."),
+    lock_timeout: float = typer.Option(
+        DEFAULT_LOCK_TIMEOUT, "--lock-timeout", min=0, help=LOCK_TIMEOUT_HELP
+    ),
 ) -> None:
-    """Add images to an index (incremental: already-indexed images are skipped)."""
-    from selret.search.engine import SearchEngine
+    """Add images to an index: new files are encoded, files whose content (sha256) changed are
+    re-encoded ("updated"), unchanged ones are skipped."""
+    _update_command(args, index_dir, cache, lock_timeout, sync=False)
 
-    engine = SearchEngine.open(engine_dir, cache_dir=cache)
-    _print_add_report(engine.add_images(_images(images)))
-    typer.echo(f"{engine_dir}: {len(engine.index)} images")
+
+@index_app.command("sync")
+def sync(
+    args: list[Path] = typer.Argument(..., help=TARGETS_HELP),
+    index_dir: Path | None = typer.Option(None, "--index", "-i", help=ENGINE_HELP),
+    cache: Path | None = typer.Option(None, help="Feature cache."),
+    lock_timeout: float = typer.Option(
+        DEFAULT_LOCK_TIMEOUT, "--lock-timeout", min=0, help=LOCK_TIMEOUT_HELP
+    ),
+) -> None:
+    """Bring an index in step with IMAGES: as `index add`, and also remove the entries of deleted
+    files (indexed images under the IMAGES folder, or listed in the IMAGES list file, whose file
+    no longer exists). Entries from elsewhere are left alone."""
+    _update_command(args, index_dir, cache, lock_timeout, sync=True)
 
 
 @index_app.command("remove")
 def remove(
-    engine_dir: Path = typer.Argument(..., help=ENGINE_HELP),
-    paths: list[str] = typer.Argument(..., help="Image paths (or catalog ids) to remove."),
+    args: list[str] = typer.Argument(
+        ..., help="ENGINE_DIR then image paths (or catalog ids); with --index DIR, only those."
+    ),
+    index_dir: Path | None = typer.Option(None, "--index", "-i", help=ENGINE_HELP),
+    lock_timeout: float = typer.Option(
+        DEFAULT_LOCK_TIMEOUT, "--lock-timeout", min=0, help=LOCK_TIMEOUT_HELP
+    ),
 ) -> None:
     """Remove images from an index."""
     from selret.search.engine import SearchEngine
 
-    engine = SearchEngine.open(engine_dir)
-    items = [int(p) if p.isdigit() else p for p in paths]
-    typer.echo(f"removed {engine.remove_images(items)}; {len(engine.index)} images left")
+    if index_dir is None:
+        if len(args) < 2:
+            raise typer.BadParameter("give ENGINE_DIR PATHS... (or --index DIR PATHS...)")
+        index_dir, args = Path(args[0]), args[1:]
+    engine = SearchEngine.open(index_dir)
+    items = [int(p) if p.isdigit() else p for p in args]
+    n = engine.remove_images(
+        items, lock_timeout=lock_timeout, on_wait=_waiting(index_dir, lock_timeout)
+    )
+    typer.echo(f"removed {n}; {len(engine.index)} images left")
 
 
 @index_app.command("info")
 def info(
-    engine_dir: Path = typer.Argument(..., help=ENGINE_HELP),
+    engine_arg: Path | None = typer.Argument(None, metavar="[ENGINE_DIR]", help=ENGINE_HELP),
+    index_dir: Path | None = typer.Option(None, "--index", "-i", help=ENGINE_HELP),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """Describe an index: size, dimension, index kind, encoder."""
     from selret.search.engine import SearchEngine
 
-    data = SearchEngine.open(engine_dir).info()
+    data = SearchEngine.open(_engine_dir(engine_arg, index_dir)).info()
     if as_json:
         typer.echo(json.dumps(data, indent=2))
         return
@@ -138,6 +209,39 @@ def info(
         "disk_bytes",
     ):
         typer.echo(f"{key:20s} {data[key]}")
+
+
+@index_app.command("verify")
+def verify(
+    engine_arg: Path | None = typer.Argument(None, metavar="[ENGINE_DIR]", help=ENGINE_HELP),
+    index_dir: Path | None = typer.Option(None, "--index", "-i", help=ENGINE_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Check an index: vectors and catalog agree (faiss count = catalog rows), the manifest names
+    the encoder beside it, and every indexed file exists with the sha256 it was encoded with.
+    Prints the stale and missing entries; exits 4 when anything is inconsistent."""
+    from selret.search.verify import verify_engine
+
+    report = verify_engine(_engine_dir(engine_arg, index_dir))
+    if as_json:
+        typer.echo(json.dumps(report.as_dict(), indent=2))
+    else:
+        for label, entries in (
+            ("stale", report.stale),
+            ("missing", report.missing),
+            ("no sha256", report.unrecorded),
+        ):
+            for path, detail in entries:
+                typer.echo(f"{label}: {path}: {detail}")
+        for problem in report.problems:
+            typer.echo(f"mismatch: {problem}")
+        for name in report.leftovers:
+            typer.echo(
+                f"note: {name}: left by an interrupted save; never read, removed by the next"
+            )
+        typer.echo(f"{report.root}: {report.counts()}")
+    if not report.consistent:
+        raise report.error()
 
 
 def parse_bbox(text: str | None) -> list[float] | None:
@@ -175,7 +279,6 @@ def search(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """Search an index (or a folder, with --images) with a query image; prints the ranked results."""
-    from selret.errors import SelretError
     from selret.search.engine import SearchEngine
 
     if (engine_dir is None) == (images is None):
@@ -186,14 +289,9 @@ def search(
         engine = SearchEngine.open(engine_dir, cache_dir=cache)
     else:
         engine = SearchEngine.temporary(load_encoder(encoder_name), cache_dir=cache)
-        report = engine.add_images(_images(images), progress=False)
-        for path, reason in report.failed:
-            typer.echo(f"  failed {path}: {reason}", err=True)
-    try:
-        hits = engine.search_image(image, k=top, bbox=parse_bbox(bbox), query_expansion=qe)
-    except SelretError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+        _print_failures(engine.add_images(_images(images), progress=False).failed)
+    # A query that cannot be used (unreadable, box outside it) ends with its one-line error.
+    hits = engine.search_image(image, k=top, bbox=parse_bbox(bbox), query_expansion=qe)
     if as_json:
         rows = [
             {"rank": r, "id": h.id, "score": h.score, "path": h.path} for r, h in enumerate(hits, 1)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from selret.errors import SelretError
+from selret.errors import EncoderError
 from selret.files import atomic_write
 
 __all__ = [
@@ -28,7 +28,7 @@ FORMAT_VERSION = 2
 PRECISIONS = ("float32", "float16")
 
 
-class EncoderFileError(SelretError, ValueError):
+class EncoderFileError(EncoderError, ValueError):
     """An encoder file that cannot be used: missing, corrupt, of another format or too new."""
 
     def __init__(self, path, reason: str):
@@ -100,4 +100,8 @@ def read_encoder(path: str | Path) -> tuple[dict, dict]:
             path, f"encoder format {header['format_version']} is newer than this selret"
         )
     arrays = {k: v.astype(np.float32) if v.dtype == np.float16 else v for k, v in arrays.items()}
+    # A garbled file can still parse; NaN/inf parameters would make every vector NaN, silently.
+    for key, value in arrays.items():
+        if value.dtype.kind in "fc" and not np.isfinite(value).all():
+            raise EncoderFileError(path, f"non-finite values in {key!r}")
     return header, arrays | header.get("scalars", {})

@@ -18,7 +18,7 @@ from importlib import resources
 from pathlib import Path
 
 from selret.encoding.persistence import EncoderFileError
-from selret.errors import SelretError
+from selret.errors import EncoderError
 from selret.files import sha256_of
 
 __all__ = [
@@ -35,8 +35,10 @@ _PACKAGE = "selret.encoding"
 _FOLDER = "pretrained_encoders"
 
 
-class UnknownEncoderError(SelretError, ValueError):
+class UnknownEncoderError(EncoderError, ValueError):
     """Neither an encoder file nor the name of a shipped encoder."""
+
+    hint = "`selret encoders` lists the pre-trained encoders; or pass an encoder file's path"
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from selret.errors import SelretError
+from selret.errors import ExitCode, SelretError
 from selret.files import is_image_name, list_images
 
 # Folder names too generic to name a learning set alone: their parent's name goes in front.
@@ -15,6 +15,8 @@ GENERIC_FOLDERS = ("jpg", "jpeg", "images", "reference", "references", "db")
 
 class LearningSetOverlapError(SelretError, ValueError):
     """The learning set shares images with the evaluated ones (database or queries)."""
+
+    exit_code = ExitCode.USAGE  # the learning set is an option the user gave
 
     def __init__(self, overlap: Sequence[Path], n_learn: int):
         self.overlap = [Path(p) for p in overlap]

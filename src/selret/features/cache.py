@@ -18,11 +18,16 @@ temporary files (``.*.part``) from a killed writer are ignored.
 
 A corrupt or unreadable entry is treated as missing: :meth:`FeatureCache.get` logs a warning and
 returns None, so the image is extracted again and the entry overwritten.
+
+An entry may carry a ``damage`` note: the image's data was damaged (corrupt JPEG data, trailing
+garbage, NaN pixels) and was accepted anyway (``selret extract --accept-damaged``), so that a later
+strict run refuses it instead of serving its map as if the file were fine.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import re
@@ -34,7 +39,7 @@ import numpy as np
 
 from selret.errors import CacheError
 from selret.features import FeatureMap
-from selret.files import atomic_write, file_digest
+from selret.files import atomic_write, crash_point, file_digest
 
 __all__ = ["CACHE_FORMAT", "FeatureCache"]
 
@@ -82,10 +87,13 @@ class FeatureCache:
         max_side: int,
         bbox: Sequence[float] | None = None,
         rotation: int = 0,
+        draft: bool = False,
     ) -> str:
         """The cache key of image file ``path`` extracted with ``backbone_id`` at ``max_side``.
 
-        Depends on the file's content (not its path or mtime), ``bbox`` and ``rotation``.
+        Depends on the file's content (not its path or mtime), ``bbox``, ``rotation`` and ``draft``
+        (a JPEG decoded at reduced scale gives slightly different pixels; the keys of full decodes
+        are those of caches made before draft decoding existed).
         Raises ImageNotFoundError when ``path`` cannot be read.
         """
         content = file_digest(path)
@@ -101,6 +109,8 @@ class FeatureCache:
             "bbox": None if bbox is None else [float(v) for v in bbox],
             "rotation": int(rotation),
         }
+        if draft:
+            image["draft"] = True
         return f"{config_hash}-{_digest(image, 32)}"
 
     def entry_path(self, key: str) -> Path:
@@ -127,6 +137,12 @@ class FeatureCache:
 
     def get(self, key: str) -> FeatureMap | None:
         """The FeatureMap stored under ``key``; None when absent, corrupt or unreadable (logged)."""
+        entry = self.get_entry(key)
+        return None if entry is None else entry[0]
+
+    def get_entry(self, key: str) -> tuple[FeatureMap, str | None] | None:
+        """``(FeatureMap, damage note or None)`` stored under ``key``; None when absent, corrupt or
+        unreadable (logged)."""
         path = self.entry_path(key)
         try:
             return self._read(path)
@@ -142,11 +158,12 @@ class FeatureCache:
             return None
 
     @staticmethod
-    def _read(path: Path) -> FeatureMap:
+    def _read(path: Path) -> tuple[FeatureMap, str | None]:
         with np.load(path, allow_pickle=False) as data:
             features = data["features"]
             image_size = data["image_size"]
             keypoints = data["keypoints"] if "keypoints" in data.files else None
+            damage = str(data["damage"]) if "damage" in data.files else None
         if (
             features.ndim != 3
             or image_size.shape != (2,)
@@ -156,10 +173,15 @@ class FeatureCache:
                 f"{path}: inconsistent entry (features {features.shape}, image_size "
                 f"{image_size.shape}, keypoints {None if keypoints is None else keypoints.shape})"
             )
-        return FeatureMap(features.astype(np.float32), tuple(image_size.tolist()), keypoints)
+        fmap = FeatureMap(features.astype(np.float32), tuple(image_size.tolist()), keypoints)
+        return fmap, damage
 
-    def put(self, key: str, fmap: FeatureMap) -> None:
-        """Store ``fmap`` under ``key`` atomically (temp file, fsync, rename); overwrites."""
+    def put(self, key: str, fmap: FeatureMap, damage: str | None = None) -> None:
+        """Store ``fmap`` under ``key`` atomically (temp file, fsync, rename); overwrites.
+
+        ``damage``: why the image's data is damaged, when its map was made anyway (see the module
+        docstring); kept in the entry and returned by :meth:`get_entry`.
+        """
         path = self.entry_path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         self._write_manifest(key)
@@ -169,7 +191,19 @@ class FeatureCache:
         }
         if fmap.keypoints is not None:  # absent = never computed, as in the FeatureMap
             arrays["keypoints"] = np.asarray(fmap.keypoints, dtype=np.float32).reshape(-1, 2)
-        atomic_write(path, lambda fh: np.savez(fh, **arrays))
+        if damage is not None:
+            arrays["damage"] = np.asarray(str(damage))
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        data = buf.getbuffer()
+
+        def write(fh) -> None:
+            # In two halves, so that the crash-injection tests can kill a writer mid-entry.
+            fh.write(data[: len(data) // 2])
+            crash_point("cache.mid_write")
+            fh.write(data[len(data) // 2 :])
+
+        atomic_write(path, write)
 
     def discard(self, key: str) -> None:
         """Remove entry ``key`` if present."""

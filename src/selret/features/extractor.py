@@ -9,31 +9,37 @@ pipeline all go through it, so an image gives the same map whichever door it cam
 Batch extraction (:meth:`Extractor.extract`) skips images already cached, writes each result as soon
 as its batch finishes (a killed run loses at most the batch in flight), and records a bad image
 (report, optional JSONL log) without stopping. A corrupt cache entry counts as missing and is
-extracted again.
+extracted again. Images whose data is damaged (see :mod:`selret.features.io`) are refused unless
+the extractor was made with ``strict=False``; then they are extracted and listed as damaged.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import closing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Literal
+from typing import Literal
 
 import numpy as np
-from tqdm.auto import tqdm
 
-from selret.errors import CacheError, ImageError
+from selret.errors import CacheError, CorruptImageError
 from selret.features.cache import FeatureCache
 from selret.features.featuremap import FeatureMap
-from selret.features.io import PreparedImage, image_size, prepare_image
+from selret.features.io import DEFAULT_MAX_PIXELS, PreparedImage, image_size, prepare_image
 from selret.features.keypoints import detect_keypoints
-from selret.features.streaming import DECODE_ERRORS, per_image, prepared_stream, progress_bar
-from selret.files import default_cache_dir
+from selret.features.streaming import (
+    DECODE_ERRORS,
+    ExtractionReport,
+    Failures,
+    per_image,
+    prepared_stream,
+    progress_bar,
+)  # fmt: skip
+from selret.files import crash_point, default_cache_dir
 
 __all__ = [
     "DEFAULT_NUM_WORKERS", "ExtractionReport", "Extractor", "FeatureMaps", "cache_id",
@@ -47,33 +53,6 @@ DEFAULT_NUM_WORKERS = min(4, os.cpu_count() or 1)
 # Decoded images waiting for a batch partner of the same size; beyond this many (times batch_size)
 # the largest group is run even if incomplete, which bounds memory when sizes vary a lot.
 _PENDING_BATCHES = 4
-
-
-@dataclass
-class ExtractionReport:
-    """Outcome of one :meth:`Extractor.extract` run.
-
-    ``n_cached`` counts images skipped because their features were already cached (or that repeat an
-    earlier path of the same run). ``failed`` lists ``(path, reason)`` of images that could not be
-    used; ``reason`` starts with the error type. ``seconds`` is the wall-clock time of the run.
-    """
-
-    n_total: int = 0
-    n_extracted: int = 0
-    n_cached: int = 0
-    failed: list[tuple[str, str]] = field(default_factory=list)
-    seconds: float = 0.0
-
-    @property
-    def n_failed(self) -> int:
-        return len(self.failed)
-
-    def summary(self) -> str:
-        rate = self.n_extracted / self.seconds if self.seconds > 0 else 0.0
-        return (
-            f"{self.n_total} images: {self.n_extracted} extracted, {self.n_cached} already cached, "
-            f"{self.n_failed} failed, in {self.seconds:.1f} s ({rate:.2f} images/s extracted)"
-        )
 
 
 def cache_id(backbone) -> str:
@@ -101,6 +80,10 @@ class Extractor:
     ``$SELRET_CACHE`` or ``~/.cache/selret/features``). ``keypoints=False`` skips SIFT detection
     in :meth:`feature_map` (for encoders that never use the SIFT-mask; cached entries always carry
     keypoints).
+    ``draft=True`` decodes JPEGs at a reduced scale that still holds the network input
+    (:func:`~selret.features.io.prepare_image`); its cache entries are kept apart from those of full
+    decodes. ``strict=False`` accepts images whose data is damaged (listed in the report, logged,
+    and marked in their cache entries); by default they fail like undecodable ones.
     ``backbone`` may be passed in (already loaded); otherwise it is loaded on first use.
     """
 
@@ -117,6 +100,8 @@ class Extractor:
         batch_size: int = 8,
         num_workers: int = DEFAULT_NUM_WORKERS,
         keypoints: bool = True,
+        draft: bool = False,
+        strict: bool = True,
         backbone=None,
     ):
         self.weights = weights
@@ -131,6 +116,8 @@ class Extractor:
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.keypoints = keypoints
+        self.draft = draft
+        self.strict = strict
         self._backbone = backbone
         if backbone is not None and (
             getattr(backbone, "weights", weights),
@@ -145,6 +132,8 @@ class Extractor:
 
     def __repr__(self) -> str:
         up = "" if self.upscale else ", upscale=False"
+        up += ", draft=True" if self.draft else ""
+        up += "" if self.strict else ", strict=False"
         return (
             f"Extractor({self.weights!r}, {self.layer!r}, {self.max_side}{up}, cache={self.cache})"
         )
@@ -196,17 +185,44 @@ class Extractor:
         return min(self.max_side, max(image_size(source, name=name)))
 
     def prepare(
-        self, source, bbox=None, rotation: int = 0, name: str | None = None
+        self,
+        source,
+        bbox=None,
+        rotation: int = 0,
+        name: str | None = None,
+        *,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        draft: bool | None = None,
+        strict: bool | None = None,
     ) -> PreparedImage:
-        """The network-input image of ``source`` (a path or bytes), as this extractor sizes it."""
+        """The network-input image of ``source`` (a path or bytes), as this extractor sizes it.
+
+        ``max_pixels`` caps the pixels decoded (None: Pillow's own limit only); ``draft`` and
+        ``strict`` default to the extractor's (see :func:`~selret.features.io.prepare_image`).
+        """
         side = self.side_for(source, name)
-        return prepare_image(source, max_side=side, bbox=bbox, rotation=rotation, name=name)
+        return prepare_image(
+            source, max_side=side, bbox=bbox, rotation=rotation, name=name, max_pixels=max_pixels,
+            draft=self.draft if draft is None else draft,
+            strict=self.strict if strict is None else strict,
+        )  # fmt: skip
 
     def feature_map(
-        self, source, bbox=None, rotation: int = 0, name: str | None = None
+        self,
+        source,
+        bbox=None,
+        rotation: int = 0,
+        name: str | None = None,
+        *,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        draft: bool | None = None,
+        strict: bool | None = None,
     ) -> FeatureMap:
-        """The map of one image path or its bytes, computed now (the cache is not consulted)."""
-        prepared = self.prepare(source, bbox=bbox, rotation=rotation, name=name)
+        """The map of one image path or its bytes, computed now (the cache is not consulted).
+        Options as in :meth:`prepare`."""
+        prepared = self.prepare(
+            source, bbox, rotation, name, max_pixels=max_pixels, draft=draft, strict=strict
+        )
         result = self.forward([prepared.rgb])[0]
         if isinstance(result, Exception):
             raise result
@@ -216,7 +232,9 @@ class Extractor:
     def key(self, path, bbox=None, rotation: int = 0) -> str:
         """The cache key of image file ``path`` (its content, crop, rotation and this config)."""
         side = self.side_for(path)
-        return self.cache.key(path, self.cache_id, side, bbox=bbox, rotation=rotation)
+        return self.cache.key(
+            path, self.cache_id, side, bbox=bbox, rotation=rotation, draft=self.draft
+        )
 
     # ------------------------------------------------------------------ many images
 
@@ -318,11 +336,27 @@ class Extractor:
         if log_path is not None:
             Path(log_path).parent.mkdir(parents=True, exist_ok=True)
             log = open(log_path, "a", encoding="utf-8")  # closed in the finally below
-        failures = _Failures(report, log, bar)
+        failures = Failures(report, log, bar)
+
+        # Later jobs with the content of a job being extracted share its fate (key): they are
+        # settled when it is, failed with its error or counted as cached once its map is written.
+        followers: dict[str, list[_Job]] = {}
 
         def fail(job: _Job, exc: BaseException) -> None:
-            failures.add(job, exc)
-            keys[job.index] = None
+            for each in [job, *followers.pop(job.key, [])]:
+                failures.add(each, exc)
+                keys[each.index] = None
+
+        def done(job: _Job, damage: str | None, extracted: bool) -> None:
+            """``job``'s map is in the cache (``extracted`` now, or found there)."""
+            for each in [job, *followers.pop(job.key, [])]:
+                if damage is not None:
+                    failures.damaged(each, damage)
+                if extracted and each is job:
+                    report.n_extracted += 1
+                else:
+                    report.n_cached += 1
+                bar.update(1)
 
         try:
             todo: list[_Job] = []
@@ -334,34 +368,44 @@ class Extractor:
                     fail(job, exc)
                     continue
                 keys[job.index] = job.key
+                if job.key in scheduled:
+                    followers.setdefault(job.key, []).append(job)
+                    continue
                 # A readable entry counts as done; a corrupt one is extracted again (get() logs it).
-                if job.key in scheduled or self.cache.get(job.key) is not None:
-                    report.n_cached += 1
-                    bar.update(1)
-                else:
+                entry = self.cache.get_entry(job.key)
+                if entry is None:
                     scheduled.add(job.key)
                     todo.append(job)
+                elif entry[1] is not None and self.strict:
+                    # Made by a run that accepted damaged data: a strict run refuses the image.
+                    reason = (
+                        f"damaged image data: {entry[1]} (map cached by a run that accepted it)"
+                    )
+                    fail(job, CorruptImageError(job.path, reason))
+                else:
+                    done(job, entry[1], extracted=False)
 
             def prepare(job: _Job):
                 prepared = self.prepare(job.path, bbox=job.bbox, rotation=job.rotation)
                 # Cache entries always carry keypoints: any later encoder may use the SIFT-mask.
-                return prepared.rgb, detect_keypoints(prepared.rgb)
+                return prepared.rgb, detect_keypoints(prepared.rgb), prepared.damage
 
             def run_batch(items: list) -> None:
-                results = self.forward([rgb for _, (rgb, _) in items])
-                for (job, (rgb, kps)), result in zip(items, results, strict=True):
+                results = self.forward([rgb for _, (rgb, _, _) in items])
+                for (job, (rgb, kps, damage)), result in zip(items, results, strict=True):
                     if isinstance(result, Exception):
                         fail(job, result)
                         continue
                     try:
-                        self.cache.put(job.key, FeatureMap(result, rgb.shape[:2], kps))
+                        self.cache.put(job.key, FeatureMap(result, rgb.shape[:2], kps), damage)
                     except OSError as exc:
                         # A full or read-only disk fails every image alike: stop, keeping the rest.
                         raise CacheError(
                             f"{self.cache.root}: cannot write cache entry for {job.path}: {exc}"
                         ) from exc
-                    report.n_extracted += 1
-                    bar.update(1)
+                    crash_point("extract.after_write")
+                    done(job, damage, extracted=True)
+                crash_point("extract.between_batches")
 
             pending: dict[tuple[int, int], list] = {}
             n_pending = 0
@@ -431,28 +475,3 @@ class FeatureMaps(Sequence[FeatureMap]):
                 f"{self.paths[i]}: feature map missing from the cache {self.cache.root}"
             )
         return fmap
-
-
-class _Failures:
-    """Records failed images in the report, the optional JSONL log and the progress bar."""
-
-    def __init__(self, report: ExtractionReport, log: IO[str] | None, bar: tqdm):
-        self.report, self.log, self.bar = report, log, bar
-        self.errors: dict[int, BaseException] = {}
-
-    def add(self, job: _Job, exc: BaseException) -> None:
-        reason = exc.reason if isinstance(exc, ImageError) else str(exc)
-        self.report.failed.append((str(job.path), f"{type(exc).__name__}: {reason}"))
-        self.errors[job.index] = exc
-        logger.debug("%s failed: %s: %s", job.path, type(exc).__name__, reason)
-        if self.log is not None:
-            record = {
-                "path": str(job.path),
-                "error": type(exc).__name__,
-                "reason": reason,
-                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            }
-            self.log.write(json.dumps(record) + "\n")
-            self.log.flush()
-        self.bar.update(1)
-        self.bar.set_postfix(failed=self.report.n_failed, refresh=False)

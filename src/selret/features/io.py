@@ -1,9 +1,16 @@
 """Image input: file or bytes -> H x W x 3 uint8 RGB, and the network-input protocol of SPEC section 1.
 
-``load_image`` decodes with Pillow (JPEG, PNG, WebP, TIFF and whatever else Pillow reads), applies the
-EXIF orientation and converts every colour mode to RGB. Bad input raises a typed
-:class:`~selret.errors.ImageError` naming the file and the reason; nothing is silently repaired
-(truncated files are errors, not grey-padded images).
+``load_image`` decodes with Pillow (JPEG, PNG, WebP, TIFF, GIF, BMP and whatever else Pillow reads;
+the first frame of animations and multi-page files), applies the EXIF orientation and converts every
+colour mode to RGB. Bad input raises a typed :class:`~selret.errors.ImageError` naming the file and
+the reason; nothing is silently repaired (truncated files are errors, not grey-padded images).
+
+Images that *decode* but whose data is damaged (corrupt JPEG entropy data, trailing garbage after a
+JPEG's end marker, NaN or infinite pixels in a float image) are refused with CorruptImageError by
+default; ``strict=False`` accepts them with a logged warning (and ``PreparedImage.damage`` says why).
+
+``draft_size`` / ``draft=True`` let a JPEG be decoded at 1/2, 1/4 or 1/8 scale by libjpeg itself, as
+long as that keeps the size the caller needs: memory then follows the network input, not the file.
 
 ``prepare_image`` produces what the backbone sees: optional rotation (Holidays), optional query crop,
 and the resize that makes the longest side of the *full* image exactly ``max_side``.
@@ -12,11 +19,17 @@ and the resize that makes the longest side of the *full* image exactly ``max_sid
 from __future__ import annotations
 
 import io as _io
+import logging
 import math
 import numbers
-from collections.abc import Sequence
+import os
+import stat
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import cv2
 import numpy as np
@@ -31,6 +44,9 @@ from selret.errors import (
     ImageTooLargeError,
     ImageTooSmallError,
 )
+from selret.features.integrity import CHECKED_FORMATS, file_damage, nonfinite_damage
+from selret.features.pixels import to_rgb
+from selret.files import file_type_reason
 
 __all__ = [
     "image_size",
@@ -46,6 +62,8 @@ __all__ = [
     "rotate",
 ]
 
+logger = logging.getLogger(__name__)
+
 #: Default cap on width * height, checked from the header before decoding (decompression-bomb guard).
 #: 64 MP is 8000 x 8000 and stays below Pillow's own warning threshold (about 89 MP).
 DEFAULT_MAX_PIXELS = 64_000_000
@@ -58,10 +76,13 @@ MIN_IMAGE_SIDE = 16
 #: before pool5, so fewer than 32 px leave an empty feature grid.
 MIN_NETWORK_SIDE = 32
 
-# Modes Pillow converts to RGB directly and correctly (no alpha, 8 bits per channel).
-_DIRECT_MODES = frozenset({"RGB", "L", "1", "CMYK", "YCbCr", "LAB", "HSV", "RGBX"})
-# Modes with an alpha channel: composited onto white so transparent areas do not turn black.
-_ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
+_EXIF_ORIENTATION = 0x0112
+
+# selret enforces its own cap (max_pixels, checked right after the header is read), so Pillow's
+# warning for images between its two limits would only repeat it, as a Python warning on stderr.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+# EXIF only gives selret the orientation; unreadable EXIF means "no orientation", as Pillow decides.
+warnings.filterwarnings("ignore", message="Corrupt EXIF data", category=UserWarning)
 
 
 def _source_name(source: str | Path | bytes, name: str | None) -> str:
@@ -72,103 +93,120 @@ def _source_name(source: str | Path | bytes, name: str | None) -> str:
     return str(source)
 
 
-def _open_bytes(source: str | Path | bytes, label: str) -> _io.BytesIO | Path:
-    """Validate that ``source`` is a non-empty regular file (or non-empty bytes) and return it."""
+@contextmanager
+def _open_source(source: str | Path | bytes, label: str) -> Iterator[BinaryIO]:
+    """``source`` as an open binary file: non-empty bytes, or a non-empty regular file.
+
+    The file type is checked before opening, so a FIFO never blocks the reader.
+    """
     if isinstance(source, (bytes, bytearray, memoryview)):
         if len(source) == 0:
             raise EmptyImageError(label, "zero bytes")
-        return _io.BytesIO(bytes(source))
+        yield _io.BytesIO(bytes(source))
+        return
     path = Path(source)
     try:
         st = path.stat()
     except FileNotFoundError:
+        if path.is_symlink():
+            raise ImageNotFoundError(
+                label, f"broken symbolic link (to {os.readlink(path)})"
+            ) from None
         raise ImageNotFoundError(label, "no such file") from None
     except OSError as exc:
         raise ImageNotFoundError(label, f"cannot access file: {exc.strerror or exc}") from None
-    if path.is_dir():
-        raise ImageNotFoundError(label, "is a directory, not an image file")
-    if not path.is_file():
-        raise ImageNotFoundError(label, "not a regular file")
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageNotFoundError(label, file_type_reason(st.st_mode))
     if st.st_size == 0:
         raise EmptyImageError(label, "zero bytes")
-    return path
-
-
-def _to_rgb(img: Image.Image) -> np.ndarray:
-    """Any Pillow mode -> H x W x 3 uint8 RGB (alpha on white, high bit depths scaled to 8 bits)."""
-    mode = img.mode
-    if mode == "P":
-        # A palette with a transparent index becomes RGBA first, then goes the alpha path.
-        mode = "RGBA" if "transparency" in img.info else "RGB"
-        img = img.convert(mode)
-    if mode in _DIRECT_MODES:
-        return np.asarray(img.convert("RGB"), dtype=np.uint8)
-    if mode in _ALPHA_MODES:
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"), dtype=np.uint8)
-    if mode.startswith("I;16") or mode in ("I", "F"):
-        grey = _high_depth_to_uint8(np.asarray(img), mode)
-        return np.repeat(grey[:, :, None], 3, axis=2)
-    # Anything else Pillow can still convert (e.g. rare raw modes); fails loudly otherwise.
-    return np.asarray(img.convert("RGB"), dtype=np.uint8)
-
-
-def _high_depth_to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
-    """One-channel 16/32-bit or float pixels -> uint8.
-
-    16-bit data (``I;16*``, or ``I`` holding values up to 65535, as 16-bit PNGs may decode) is scaled
-    by 255/65535 so that full white stays white. ``I`` within 0..255 is kept. Float data within 0..1
-    is scaled by 255. Anything else is stretched linearly from its minimum to its maximum.
-    """
-    a = np.nan_to_num(arr.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
-    if mode.startswith("I;16") or (mode == "I" and lo >= 0 and hi > 255 and hi <= 65535):
-        a = a * (255.0 / 65535.0)
-    elif mode == "I" and lo >= 0 and hi <= 255:
-        pass
-    elif mode == "F" and lo >= 0 and hi <= 1:
-        a = a * 255.0
-    elif hi > lo:
-        a = (a - lo) * (255.0 / (hi - lo))
-    else:
-        a = np.zeros_like(a)
-    return np.clip(np.rint(a), 0, 255).astype(np.uint8)
-
-
-def load_image(
-    source: str | Path | bytes,
-    name: str | None = None,
-    max_pixels: int | None = DEFAULT_MAX_PIXELS,
-    min_side: int = MIN_IMAGE_SIDE,
-) -> np.ndarray:
-    """Decode an image file or bytes to an H x W x 3 uint8 RGB array, upright per its EXIF tag.
-
-    ``name`` labels ``source`` in error messages (useful for bytes). ``max_pixels`` (None: no cap
-    beyond Pillow's own) bounds width * height, checked from the header before any pixel is decoded.
-    ``min_side`` is the smallest accepted height or width.
-
-    Raises ImageNotFoundError (missing, a directory), EmptyImageError (zero bytes),
-    CorruptImageError (not an image, truncated, undecodable), ImageTooLargeError (more than
-    ``max_pixels`` pixels, or a Pillow decompression bomb), ImageTooSmallError (a side below
-    ``min_side``).
-    """
-    label = _source_name(source, name)
-    fp = _open_bytes(source, label)
     try:
-        img = Image.open(fp)
+        fh = open(path, "rb")  # noqa: SIM115 -- closed below, after the caller is done
+    except OSError as exc:
+        raise ImageNotFoundError(label, f"cannot read file: {exc.strerror or exc}") from None
+    with fh:
+        yield fh
+
+
+def _open_image(fh: BinaryIO, label: str) -> Image.Image:
+    try:
+        return Image.open(fh)
     except Image.DecompressionBombError as exc:
         raise ImageTooLargeError(label, f"decompression bomb refused by Pillow ({exc})") from None
     except UnidentifiedImageError:
         raise CorruptImageError(label, "not a recognised image format") from None
-    except (OSError, SyntaxError, ValueError) as exc:
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise CorruptImageError(label, f"unreadable image header: {exc}") from None
-    with img:
+
+
+def _transposed(img: Image.Image) -> bool:
+    """Whether the EXIF orientation of ``img`` swaps its sides (orientations 5-8)."""
+    try:
+        return img.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
+    except Exception:  # unreadable EXIF: exif_transpose will ignore it the same way
+        return False
+
+
+def _draft_request(width: int, height: int, need_w: int, need_h: int) -> tuple[int, int] | None:
+    """The size to ask ``Image.draft`` for so that libjpeg decodes a ``width`` x ``height`` JPEG at
+    the largest reduction r (8, 4 or 2) whose result, ceil(side / r), still holds ``need_w`` x
+    ``need_h``; None when no reduction does.
+
+    Pillow picks r from ``side // requested`` (floor), which would refuse 1/2 for a 683-px side
+    needed at 342 px although ceil(683 / 2) = 342; so the request is chosen to make Pillow's floor
+    land on r exactly: at most side // r, and above side // (2 r) where a larger r is possible.
+    """
+    for r in (8, 4, 2):
+        if -(-width // r) >= need_w and -(-height // r) >= need_h:
+            lowest = (width // (2 * r) + 1, height // (2 * r) + 1) if r < 8 else (1, 1)
+            return (
+                max(lowest[0], min(need_w, width // r), 1),
+                max(lowest[1], min(need_h, height // r), 1),
+            )
+    return None
+
+
+@dataclass
+class _Decoded:
+    rgb: np.ndarray  # upright H x W x 3 uint8; smaller than ``size`` after a draft decode
+    size: tuple[int, int]  # (height, width) of the full-resolution upright image, from the header
+    damage: str | None  # why the data is damaged (accepted because strict=False), or None
+
+
+def _decode(
+    source: str | Path | bytes,
+    label: str,
+    max_pixels: int | None,
+    min_side: int,
+    draft: Callable[[int, int], tuple[int, int]] | None,
+    strict: bool,
+) -> _Decoded:
+    """The one decoder behind :func:`load_image` and :func:`prepare_image`.
+
+    ``draft(height, width)`` maps the upright full size to the (height, width) the caller needs at
+    least; a JPEG is then decoded at the largest libjpeg reduction that keeps it.
+    """
+    with _open_source(source, label) as fh, _open_image(fh, label) as img:
         width, height = img.size
-        if max_pixels is not None and width * height > max_pixels:
+        transposed = _transposed(img)
+        size = (width, height) if transposed else (height, width)
+        if draft is not None:
+            need_h, need_w = draft(*size)
+            if transposed:
+                need_h, need_w = need_w, need_h
+            request = _draft_request(width, height, need_w, need_h)
+            if request is not None:
+                # A no-op for formats without reduced decoding; for JPEG it changes img.size.
+                img.draft(None, request)
+        pixels = img.size[0] * img.size[1]
+        if max_pixels is not None and pixels > max_pixels:
+            at = (
+                ""
+                if img.size == (width, height)
+                else f" (decoded at {img.size[0]} x {img.size[1]})"
+            )
             raise ImageTooLargeError(
                 label,
-                f"{width} x {height} = {width * height} pixels exceeds the limit of {max_pixels}",
+                f"{width} x {height}{at} = {pixels} pixels exceeds the limit of {max_pixels}",
             )
         if min(width, height) < min_side:
             raise ImageTooSmallError(
@@ -178,7 +216,8 @@ def load_image(
             # Force the full decode now: Pillow is lazy, and truncated data only fails here.
             img.load()
             upright = ImageOps.exif_transpose(img)
-            rgb = _to_rgb(upright)
+            damage = nonfinite_damage(upright)
+            rgb = to_rgb(upright)
         except Image.DecompressionBombError as exc:
             raise ImageTooLargeError(
                 label, f"decompression bomb refused by Pillow ({exc})"
@@ -187,22 +226,56 @@ def load_image(
             raise
         except (OSError, SyntaxError, ValueError, TypeError, IndexError, EOFError) as exc:
             raise CorruptImageError(label, f"cannot decode ({_mode_name(img)}): {exc}") from None
-    return np.ascontiguousarray(rgb)
+        if damage is None and img.format in CHECKED_FORMATS:
+            fh.seek(0)
+            damage = file_damage(img.format, fh.read())
+    if damage is not None:
+        if strict:
+            raise CorruptImageError(label, f"damaged image data: {damage}")
+        logger.warning("%s: damaged image data accepted: %s", label, damage)
+    return _Decoded(np.ascontiguousarray(rgb), size, damage)
+
+
+def load_image(
+    source: str | Path | bytes,
+    name: str | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    min_side: int = MIN_IMAGE_SIDE,
+    *,
+    draft_size: tuple[int, int] | None = None,
+    strict: bool = True,
+) -> np.ndarray:
+    """Decode an image file or bytes to an H x W x 3 uint8 RGB array, upright per its EXIF tag.
+
+    ``name`` labels ``source`` in error messages (useful for bytes). ``max_pixels`` (None: no cap
+    beyond Pillow's own) bounds the pixels decoded (width * height), checked from the header before
+    any pixel is decoded. ``min_side`` is the smallest accepted height or width (of the file).
+
+    ``draft_size`` = (height, width) of the upright image: a JPEG is decoded at 1/2, 1/4 or 1/8 of its
+    size when each side stays >= these (libjpeg's DCT scaling: less memory and time); other formats,
+    and None, decode in full. ``max_pixels`` then applies to the reduced size.
+
+    ``strict`` (default): an image whose data is damaged although it decodes (corrupt JPEG data,
+    trailing garbage after the JPEG end marker, NaN or infinite pixels) raises CorruptImageError.
+    ``strict=False`` returns it with a logged warning (NaN / infinite pixels become 0).
+
+    Raises ImageNotFoundError (missing, a directory, a FIFO, a broken link, unreadable),
+    EmptyImageError (zero bytes), CorruptImageError (not an image, truncated, undecodable, damaged),
+    ImageTooLargeError (more than ``max_pixels`` pixels, or a Pillow decompression bomb),
+    ImageTooSmallError (a side below ``min_side``).
+    """
+    draft = None if draft_size is None else (lambda h, w: draft_size)
+    return _decode(source, _source_name(source, name), max_pixels, min_side, draft, strict).rgb
 
 
 def image_size(source: str | Path | bytes, name: str | None = None) -> tuple[int, int]:
     """(height, width) of an image as :func:`load_image` would return it (EXIF orientation
     applied), read from the header alone. Raises the same typed errors for unreadable files."""
     label = _source_name(source, name)
-    try:
-        with Image.open(_open_bytes(source, label)) as img:
-            width, height = img.size
-            # EXIF orientations 5-8 are transposed (rotated by 90 degrees): swap the sides.
-            if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):
-                width, height = height, width
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise CorruptImageError(label, f"unreadable image header: {exc}") from None
-    return height, width
+    with _open_source(source, label) as fh, _open_image(fh, label) as img:
+        width, height = img.size
+        # EXIF orientations 5-8 are transposed (rotated by 90 degrees): swap the sides.
+        return (width, height) if _transposed(img) else (height, width)
 
 
 def _mode_name(img: Image.Image) -> str:
@@ -228,6 +301,13 @@ def _scaled_size(height: int, width: int, scale: float) -> tuple[int, int]:
     return max(1, _round_half_up(height * scale)), max(1, _round_half_up(width * scale))
 
 
+def _longest_size(height: int, width: int, max_side: int) -> tuple[int, int]:
+    """(height, width) with the longest side exactly ``max_side``, the aspect kept (rounded half up)."""
+    nh, nw = _scaled_size(height, width, max_side / max(height, width))
+    # Pin the longest side to max_side exactly, whatever the float rounding did.
+    return (max_side, nw) if height >= width else (nh, max_side)
+
+
 def resize_longest(rgb: np.ndarray, max_side: int = 1024) -> tuple[np.ndarray, float]:
     """Resize so that the longest side is exactly ``max_side`` (up or down), keeping the aspect.
 
@@ -237,14 +317,7 @@ def resize_longest(rgb: np.ndarray, max_side: int = 1024) -> tuple[np.ndarray, f
     if max_side < 1:
         raise ValueError(f"max_side must be positive, got {max_side}")
     h, w = rgb.shape[:2]
-    scale = max_side / max(h, w)
-    nh, nw = _scaled_size(h, w, scale)
-    # Pin the longest side to max_side exactly, whatever the float rounding did.
-    if h >= w:
-        nh = max_side
-    else:
-        nw = max_side
-    return resize_to(rgb, nh, nw), scale
+    return resize_to(rgb, *_longest_size(h, w, max_side)), max_side / max(h, w)
 
 
 def rotate(rgb: np.ndarray, rotation: int) -> np.ndarray:
@@ -263,12 +336,14 @@ class PreparedImage:
     factor that brings the full image's longest side to ``max_side``. ``original_size`` is the
     (height, width) of the decoded image after rotation, before any crop. ``bbox`` is the crop
     actually applied, [x1, y1, x2, y2] in integer original pixels (x2, y2 exclusive), or None.
+    ``damage`` says why the file's data is damaged when it was accepted anyway (``strict=False``).
     """
 
     rgb: np.ndarray
     scale: float
     original_size: tuple[int, int]
     bbox: tuple[int, int, int, int] | None = None
+    damage: str | None = None
 
     @property
     def size(self) -> tuple[int, int]:
@@ -321,6 +396,13 @@ def _validate_bbox(
     return ix1, iy1, ix2, iy2
 
 
+def _needed_size(height: int, width: int, max_side: int) -> tuple[int, int]:
+    """The smallest decoded (height, width) from which the network input of a ``height`` x
+    ``width`` image at ``max_side`` (or any crop of it, resized by the same scale) loses nothing."""
+    scale = max_side / max(height, width)
+    return math.ceil(height * scale), math.ceil(width * scale)
+
+
 def prepare_image(
     source: str | Path | bytes,
     max_side: int = 1024,
@@ -329,6 +411,9 @@ def prepare_image(
     name: str | None = None,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     min_side: int = MIN_NETWORK_SIDE,
+    *,
+    draft: bool = False,
+    strict: bool = True,
 ) -> PreparedImage:
     """Load ``source`` and produce the network-input image of SPEC section 1.
 
@@ -339,20 +424,37 @@ def prepare_image(
        With ``bbox`` = [x1, y1, x2, y2] in pixels of the (rotated) original image: crop it (clipped
        to the image) and resize the crop by the same ``scale``, *not* to ``max_side``.
 
+    ``draft=True`` decodes a JPEG at the largest libjpeg reduction (1/2, 1/4, 1/8) that still holds
+    the full image at ``scale``, so memory follows ``max_side`` rather than the file's pixel count.
+    The result has the same size as without draft and nearly the same pixels (libjpeg's scaled
+    inverse DCT instead of area averaging); ``bbox``, ``scale`` and ``original_size`` stay in the
+    file's full-resolution pixels. ``strict``: see :func:`load_image`.
+
     Raises the errors of :func:`load_image`, BoundingBoxError for a malformed or empty box, and
     ImageTooSmallError when the result has a side below ``min_side`` (too little for pool5).
     """
     label = _source_name(source, name)
-    rgb = rotate(load_image(source, name=label, max_pixels=max_pixels), rotation)
-    height, width = rgb.shape[:2]
+    if max_side < 1:
+        raise ValueError(f"max_side must be positive, got {max_side}")
+    need = (lambda h, w: _needed_size(h, w, max_side)) if draft else None
+    decoded = _decode(source, label, max_pixels, MIN_IMAGE_SIDE, need, strict)
+    rgb = rotate(decoded.rgb, rotation)
+    height, width = decoded.size
+    if (int(rotation) // 90) % 2:
+        height, width = width, height
+    scale = max_side / max(height, width)
     if bbox is None:
-        out, scale = resize_longest(rgb, max_side)
         used = None
+        out = resize_to(rgb, *_longest_size(height, width, max_side))
     else:
-        scale = max_side / max(height, width)
         used = _validate_bbox(bbox, height, width, label)
         x1, y1, x2, y2 = used
-        crop = rgb[y1:y2, x1:x2]
+        # The box in decoded pixels (the same box unless a draft decode reduced the image).
+        fy, fx = rgb.shape[0] / height, rgb.shape[1] / width
+        crop = rgb[
+            math.floor(y1 * fy) : max(math.floor(y1 * fy) + 1, math.ceil(y2 * fy)),
+            math.floor(x1 * fx) : max(math.floor(x1 * fx) + 1, math.ceil(x2 * fx)),
+        ]
         out = resize_to(crop, *_scaled_size(y2 - y1, x2 - x1, scale))
     if min(out.shape[:2]) < min_side:
         what = "crop" if bbox is not None else "image"
@@ -361,4 +463,6 @@ def prepare_image(
             f"{what} becomes {out.shape[1]} x {out.shape[0]} px at max_side={max_side}; "
             f"the network needs each side >= {min_side} px",
         )
-    return PreparedImage(np.ascontiguousarray(out), float(scale), (height, width), used)
+    return PreparedImage(
+        np.ascontiguousarray(out), float(scale), (height, width), used, decoded.damage
+    )

@@ -1,9 +1,10 @@
 """The persistent image index: :class:`ImageIndex`, a directory pairing a
-:class:`~selret.search.vectors.VectorIndex` with a SQLite catalog of the indexed images and a
-manifest naming the encoder that made the vectors.
+:class:`~selret.search.vectors.VectorIndex` with a SQLite catalog of the indexed images (path, the
+sha256 of the file's bytes, size, metadata) and a manifest naming the encoder that made the vectors.
 
 Saves are atomic (a new state directory, then one atomic switch of ``CURRENT``); writer processes
-are serialised by a lock file; opening checks the encoder fingerprint. SPEC section 8.
+are serialised by a lock file; opening checks the encoder fingerprint. The files themselves are
+:mod:`selret.search.storage`'s. SPEC section 8.
 """
 
 from __future__ import annotations
@@ -15,32 +16,33 @@ import os
 import shutil
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from selret.errors import ConfigMismatchError, CorruptIndexError, IndexConflictError
-from selret.files import atomic_write, atomic_write_text
+from selret.errors import (
+    ConfigMismatchError,
+    CorruptIndexError,
+    IndexConflictError,
+    IndexExistsError,
+)
+from selret.files import crash_point
+from selret.search import storage
 from selret.search.hits import SearchHit, search_hits
+from selret.search.storage import FORMAT_VERSION, chunks
 from selret.search.vectors import VectorIndex, as_matrix
 
-try:  # advisory lock between writer processes; absent on Windows, where saves are unlocked
-    import fcntl
-except ImportError:  # pragma: no cover
-    fcntl = None
-
 __all__ = ["FORMAT_VERSION", "ImageIndex", "ImageRecord"]
-
-FORMAT_VERSION = 1
-"""Version of the on-disk layout of :class:`ImageIndex`."""
 
 
 @dataclass(frozen=True)
 class ImageRecord:
-    """One catalog row. ``added_at`` is an ISO-8601 UTC timestamp."""
+    """One catalog row. ``added_at`` is an ISO-8601 UTC timestamp; ``sha256`` is the digest of the
+    file's bytes when it was encoded (None for images indexed by selret before format 2, or added
+    without one)."""
 
     id: int
     path: str
@@ -49,87 +51,15 @@ class ImageRecord:
     height: int | None
     added_at: str
     metadata: dict[str, Any]
+    sha256: str | None = None
 
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS images (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,  -- AUTOINCREMENT: ids of removed images are never reused
-    path TEXT NOT NULL UNIQUE,
-    content_sha1 TEXT,
-    width INTEGER,
-    height INTEGER,
-    added_at TEXT NOT NULL,
-    metadata TEXT NOT NULL DEFAULT '{}'
-)
-"""
-_COLUMNS = "id, path, content_sha1, width, height, added_at, metadata"
-_RESERVED_METADATA = ("content_sha1", "width", "height")
-_SQL_CHUNK = 900  # bound parameters per statement, under SQLite's oldest limit (999)
-
-_CURRENT = "CURRENT"
-_LOCK = "LOCK"
-_MANIFEST = "manifest.json"
-_CATALOG = "catalog.sqlite"
-_VECTORS = "vectors.faiss"
+_RESERVED_METADATA = ("content_sha1", "width", "height", "sha256")
 
 
 def _opt(kind: type, value: Any) -> Any:
     # SQLite binds Python scalars only (not numpy ones); None stays NULL.
     return None if value is None else kind(value)
-
-
-def _chunks(items: Sequence, size: int = _SQL_CHUNK) -> Iterator[Sequence]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
-# The writers of one save, module-level so that tests can make them fail mid-save. Each file is
-# written with selret.files.atomic_write, which fsyncs it and then its directory.
-def _write_vectors(vectors: VectorIndex, path: Path) -> None:
-    vectors.save(path)
-
-
-def _write_catalog(db: sqlite3.Connection, path: Path) -> None:
-    data = db.serialize()
-    atomic_write(path, lambda fh: fh.write(data))
-
-
-def _write_manifest(manifest: dict, path: Path) -> None:
-    atomic_write_text(path, json.dumps(manifest, indent=2, sort_keys=True))
-
-
-def _commit_pointer(root: Path, state: str) -> None:
-    """Make ``state`` the live one: the single atomic step of a save."""
-    atomic_write_text(root / _CURRENT, state + "\n")
-
-
-@contextlib.contextmanager
-def _writer_lock(root: Path) -> Iterator[None]:
-    with open(root / _LOCK, "a+") as f:
-        if fcntl is not None:
-            fcntl.flock(f, fcntl.LOCK_EX)
-        yield  # closing the file releases the lock
-
-
-def _state_number(state: str) -> int:
-    return int(state.rsplit("-", 1)[1])
-
-
-def _read_current(root: Path) -> str:
-    try:
-        return (root / _CURRENT).read_text(encoding="utf-8").strip()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{root}: not a selret index (no {_CURRENT} file)") from None
-
-
-def _config_differences(stored: dict, expected: dict) -> str:
-    keys = sorted(set(stored) | set(expected))
-    diffs = [
-        f"{key}: index {stored.get(key, '<unset>')!r} vs encoder {expected.get(key, '<unset>')!r}"
-        for key in keys
-        if stored.get(key) != expected.get(key)
-    ]
-    return "; ".join(diffs) or "none (same settings, different fingerprints)"
 
 
 class ImageIndex:
@@ -138,23 +68,29 @@ class ImageIndex:
     On disk, a directory::
 
         CURRENT                 names the live state directory (replaced atomically)
-        LOCK                    serialises writer processes
+        LOCK                    serialises writer processes (holds the last writer's pid)
         state-000007/
             manifest.json       format_version, encoder_config, encoder_fingerprint, dim,
                                 kind, index_kind, index_params, count
             catalog.sqlite      table images(id, path, content_sha1, width, height,
-                                             added_at, metadata JSON)
+                                             added_at, metadata JSON, sha256)
             vectors.faiss       the VectorIndex, ids = catalog ids (absent while an IVF-PQ
                                 index is empty and untrained)
 
     Changes live in memory until :meth:`save`, which writes a whole new state directory, then
     switches ``CURRENT`` to it with one ``os.replace`` and deletes the old one: a crash at any
-    point leaves the previous state openable, its catalog and vectors in agreement. One writer
-    at a time: a save refuses (:class:`IndexConflictError`) if another handle saved in between.
+    point leaves the previous state openable, its catalog and vectors in agreement (what a crash
+    leaves behind is never read, and removed by the next save).
+
+    Writers: :meth:`updating` takes the writer lock (waiting for another writer, with a
+    timeout), first catches up with what other writers saved since this handle was opened, and
+    saves on the way out -- so concurrent writers merge instead of failing. A bare :meth:`save`
+    refuses (:class:`IndexConflictError`) if another handle saved in between.
 
     Images are keyed by their path string exactly as given (pass normalised paths). Catalog ids
-    are assigned from 1 up, never reused, and unchanged by removals. Create with :meth:`create`,
-    reopen with :meth:`open`. A handle is safe to share between threads (calls are serialised).
+    are assigned from 1 up, never reused, and unchanged by removals; a replaced image gets a new
+    id. Create with :meth:`create`, reopen with :meth:`open`. A handle is safe to share between
+    threads (calls are serialised).
     """
 
     def __init__(
@@ -188,7 +124,7 @@ class ImageIndex:
         """
         root = Path(path)
         if root.exists() and (not root.is_dir() or any(root.iterdir())):
-            raise FileExistsError(f"{root}: exists and is not an empty directory")
+            raise IndexExistsError(f"{root}: exists and is not an empty directory")
         vectors = VectorIndex(dim, kind, **index_params)
         manifest = {
             "format_version": FORMAT_VERSION,
@@ -198,12 +134,10 @@ class ImageIndex:
             "kind": kind,
             "index_params": vectors.params,
         }
-        db = sqlite3.connect(":memory:", check_same_thread=False)
-        db.execute(_SCHEMA)
-        db.commit()
         root.mkdir(parents=True, exist_ok=True)
-        created = cls(root, "state-000000", manifest, db, vectors)
-        created._save(first=True)
+        created = cls(root, storage.state_name(0), manifest, storage.new_catalog(), vectors)
+        with storage.writer_lock(root):
+            created._write_state(first=True)
         return created
 
     @classmethod
@@ -218,113 +152,102 @@ class ImageIndex:
         With ``expected_fingerprint``, refuse (:class:`~selret.errors.ConfigMismatchError`) an
         index built by another encoder; ``expected_config`` only makes that message list the
         differing settings. Raises :class:`CorruptIndexError` when the state is unreadable or
-        its catalog and vectors disagree.
+        its catalog and vectors disagree, :class:`~selret.errors.NotAnIndexError` when ``path``
+        holds no index.
         """
         root = Path(path)
         for _ in range(5):  # a writer may delete the state we picked while we read it: retry
-            state = _read_current(root)
+            state = storage.read_current(root)
             try:
-                manifest, db, vectors = cls._load_state(root / state)
+                manifest, db, vectors = storage.load_state(root / state)
                 break
             except (FileNotFoundError, CorruptIndexError):
-                if _read_current(root) == state:
+                if storage.read_current(root) == state:
                     raise
         else:  # pragma: no cover - five concurrent saves in a row
             raise IndexConflictError(f"{root}: the index kept changing while being opened")
-        stored = manifest["encoder_fingerprint"]
-        if expected_fingerprint is not None and expected_fingerprint != stored:
-            detail = (
-                f"differing settings: {_config_differences(manifest['encoder_config'], expected_config)}"
-                if expected_config is not None
-                else f"index encoder config: {json.dumps(manifest['encoder_config'], sort_keys=True)}"
-            )
-            raise ConfigMismatchError(
-                f"{root}: index was built with encoder fingerprint {stored!r}, but the encoder "
-                f"in use has fingerprint {expected_fingerprint!r}; {detail}. Rebuild the index "
-                "with this encoder or use the encoder it was built with."
-            )
+        _check_fingerprint(root, manifest, expected_fingerprint, expected_config)
         return cls(root, state, manifest, db, vectors)
 
-    @staticmethod
-    def _load_state(state_dir: Path) -> tuple[dict, sqlite3.Connection, VectorIndex]:
-        try:
-            manifest = json.loads((state_dir / _MANIFEST).read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise CorruptIndexError(f"{state_dir / _MANIFEST}: not valid JSON ({e})") from e
-        if manifest.get("format_version") != FORMAT_VERSION:
-            raise CorruptIndexError(
-                f"{state_dir}: format_version {manifest.get('format_version')!r} is not "
-                f"{FORMAT_VERSION}, the one this selret reads"
-            )
-        catalog = state_dir / _CATALOG
-        if not catalog.is_file():
-            raise FileNotFoundError(f"{catalog}: missing")
-        src = sqlite3.connect(f"{catalog.resolve().as_uri()}?mode=ro", uri=True)
-        db = sqlite3.connect(":memory:", check_same_thread=False)
-        try:
-            src.backup(db)
-        except sqlite3.DatabaseError as e:
-            raise CorruptIndexError(f"{catalog}: {e}") from e
-        finally:
-            src.close()
-        vectors_path = state_dir / _VECTORS
-        params = manifest["index_params"]
-        kind = manifest["kind"]
-        if vectors_path.exists():
-            vectors = VectorIndex.load(
-                vectors_path, kind="auto" if kind == "auto" else None, **params
-            )
-        else:
-            vectors = VectorIndex(manifest["dim"], kind, **params)
-        catalog_ids = np.array([r[0] for r in db.execute("SELECT id FROM images")], np.int64)
-        if vectors.dim != manifest["dim"] or not np.array_equal(
-            np.sort(catalog_ids), np.sort(vectors.ids)
-        ):
-            raise CorruptIndexError(
-                f"{state_dir}: catalog ({len(catalog_ids)} images) and vectors "
-                f"({vectors.ntotal}, dim {vectors.dim}) disagree"
-            )
-        return manifest, db, vectors
-
     # ----------------------------------------------------------------- saving
-    def save(self) -> None:
-        """Commit the in-memory state to disk atomically (see the class docstring)."""
-        with self._lock:
-            self._save(first=False)
+    def save(self, lock_timeout: float | None = None) -> None:
+        """Commit the in-memory state to disk atomically (see the class docstring).
 
-    def _save(self, first: bool) -> None:
-        with _writer_lock(self.root):
-            if not first:
-                on_disk = _read_current(self.root)
-                if on_disk != self._state:
-                    raise IndexConflictError(
-                        f"{self.root}: saved by another writer ({on_disk}) since this handle "
-                        f"opened {self._state}; reopen it and redo the change"
-                    )
-            old = None if first else self._state
-            # Leftovers of crashed saves are never live: clear them so the new name is free.
-            for leftover in self.root.glob("state-*"):
-                if leftover.name != old:
-                    shutil.rmtree(leftover)
-            for leftover in self.root.glob(f".{_CURRENT}.*.part"):  # of a killed commit
-                leftover.unlink(missing_ok=True)
-            new = f"state-{0 if first else _state_number(old) + 1:06d}"
-            state_dir = self.root / new
-            state_dir.mkdir()
-            manifest = {
-                **self._manifest,
-                "index_kind": self._vectors.index_kind,
-                "index_params": self._vectors.params,
-                "count": len(self),
-            }
-            if self._vectors.is_trained:
-                _write_vectors(self._vectors, state_dir / _VECTORS)
-            _write_catalog(self._db, state_dir / _CATALOG)
-            _write_manifest(manifest, state_dir / _MANIFEST)
-            _commit_pointer(self.root, new)
-            self._state, self._manifest, self._dirty = new, manifest, False
-            if old is not None:
-                shutil.rmtree(self.root / old, ignore_errors=True)
+        Refuses (:class:`IndexConflictError`) when another writer saved since this handle was
+        opened or last saved; :meth:`updating` merges instead.
+        """
+        with self._lock, storage.writer_lock(self.root, lock_timeout):
+            on_disk = storage.read_current(self.root)
+            if on_disk != self._state:
+                raise IndexConflictError(
+                    f"{self.root}: saved by another writer ({on_disk}) since this handle "
+                    f"opened {self._state}; reopen it and redo the change"
+                )
+            self._write_state(first=False)
+
+    @contextlib.contextmanager
+    def updating(
+        self,
+        lock_timeout: float | None = None,
+        on_wait: Callable[[str], object] | None = None,
+    ) -> Iterator[ImageIndex]:
+        """Change the index under the writer lock, and save.
+
+        On entry, wait for the lock (``on_wait(holder)`` is called once if another writer
+        holds it; :class:`~selret.errors.IndexLockTimeout` after ``lock_timeout`` seconds), then
+        catch up with what other writers saved since this handle read the index; on a normal
+        exit, save. Make the changes inside the block: they apply to the latest state, so no
+        other writer's work is lost and none of this one's is thrown away.
+        """
+        with self._lock, storage.writer_lock(self.root, lock_timeout, on_wait):
+            self._catch_up()
+            storage.clear_leftovers(
+                self.root, self._state
+            )  # of interrupted saves, even if no change
+            yield self
+            if self._dirty:
+                self._write_state(first=False)
+
+    def _catch_up(self) -> None:
+        """Reload the live state if another writer saved it (the writer lock is held)."""
+        on_disk = storage.read_current(self.root)
+        if on_disk == self._state:
+            return
+        if self._dirty:
+            raise IndexConflictError(
+                f"{self.root}: saved by another writer ({on_disk}) while this handle has unsaved "
+                "changes; save them first or reopen the index"
+            )
+        manifest, db, vectors = storage.load_state(self.root / on_disk)
+        _check_fingerprint(self.root, manifest, self.fingerprint, self.encoder_config)
+        self._state, self._manifest, self._db, self._vectors = on_disk, manifest, db, vectors
+
+    def _write_state(self, first: bool) -> None:
+        """Write the in-memory state as a new state directory and switch ``CURRENT`` to it
+        (the writer lock is held)."""
+        old = None if first else self._state
+        # Leftovers of crashed saves are never live: clear them so the new name is free.
+        storage.clear_leftovers(self.root, old)
+        new = storage.state_name(0 if first else storage.state_number(old) + 1)
+        state_dir = self.root / new
+        state_dir.mkdir()
+        manifest = {
+            **self._manifest,
+            "format_version": FORMAT_VERSION,
+            "index_kind": self._vectors.index_kind,
+            "index_params": self._vectors.params,
+            "count": len(self),
+        }
+        if self._vectors.is_trained:
+            storage.write_vectors(self._vectors, state_dir / storage.VECTORS)
+        storage.write_catalog(self._db, state_dir / storage.CATALOG)
+        storage.write_manifest(manifest, state_dir / storage.MANIFEST)
+        crash_point("index.state_written")
+        storage.commit_pointer(self.root, new)
+        self._state, self._manifest, self._dirty = new, manifest, False
+        crash_point("index.committed")
+        if old is not None:
+            shutil.rmtree(self.root / old, ignore_errors=True)
 
     # ----------------------------------------------------------------- catalog
     def __len__(self) -> int:
@@ -343,9 +266,14 @@ class ImageIndex:
     def encoder_config(self) -> dict:
         return self._manifest["encoder_config"]
 
+    @property
+    def state(self) -> str:
+        """The name of the state directory this handle holds."""
+        return self._state
+
     def _ids_of_paths(self, paths: Sequence[str]) -> dict[str, int]:
         found: dict[str, int] = {}
-        for chunk in _chunks(paths):
+        for chunk in chunks(paths):
             marks = ",".join("?" * len(chunk))
             rows = self._db.execute(f"SELECT path, id FROM images WHERE path IN ({marks})", chunk)
             found.update(rows)
@@ -353,11 +281,11 @@ class ImageIndex:
 
     def _rows(self, ids: Sequence[int]) -> dict[int, ImageRecord]:
         records: dict[int, ImageRecord] = {}
-        for chunk in _chunks(ids):
+        for chunk in chunks(ids):
             marks = ",".join("?" * len(chunk))
-            sql = f"SELECT {_COLUMNS} FROM images WHERE id IN ({marks})"
+            sql = f"SELECT {storage.COLUMNS} FROM images WHERE id IN ({marks})"
             for row in self._db.execute(sql, chunk):
-                records[row[0]] = ImageRecord(*row[:6], metadata=json.loads(row[6]))
+                records[row[0]] = _record(row)
         return records
 
     def missing(self, paths: Iterable[str | os.PathLike]) -> list[str]:
@@ -366,6 +294,22 @@ class ImageIndex:
         with self._lock:
             present = self._ids_of_paths(wanted)
         return [p for p in wanted if p not in present]
+
+    def sha256s(self, paths: Iterable[str | os.PathLike]) -> dict[str, str | None]:
+        """{path: recorded sha256 (None if unknown)} for those of ``paths`` that are indexed."""
+        wanted = list(dict.fromkeys(os.fspath(p) for p in paths))
+        found: dict[str, str | None] = {}
+        with self._lock:
+            for chunk in chunks(wanted):
+                marks = ",".join("?" * len(chunk))
+                sql = f"SELECT path, sha256 FROM images WHERE path IN ({marks})"
+                found.update(self._db.execute(sql, chunk))
+        return found
+
+    def entries(self) -> list[tuple[int, str, str | None]]:
+        """Every catalog row as (id, path, sha256), by id."""
+        with self._lock:
+            return list(self._db.execute("SELECT id, path, sha256 FROM images ORDER BY id"))
 
     def get(self, key: int | str | os.PathLike) -> ImageRecord:
         """The catalog record of an id (int) or path (str); KeyError if absent."""
@@ -384,13 +328,16 @@ class ImageIndex:
         paths: Sequence[str | os.PathLike],
         vectors: np.ndarray,
         metadata: Sequence[dict | None] | None = None,
+        replace: bool = False,
     ) -> list[int]:
-        """Index images not indexed yet. Returns the new ids, in the order of the added paths.
+        """Index images. Returns the new ids, in the order of the added paths.
 
-        ``vectors`` is (len(paths), D); rows of paths already indexed (or repeated in
-        ``paths``) are skipped, so re-adding a folder is cheap -- and :meth:`missing` tells
-        which paths to encode at all. ``metadata`` dicts are stored as JSON; their keys
-        ``content_sha1``, ``width`` and ``height`` fill the catalog columns of those names.
+        ``vectors`` is (len(paths), D). Rows of paths already indexed are skipped, so re-adding
+        a folder is cheap (:meth:`missing` tells which paths to encode at all) -- unless
+        ``replace``: then their old entries are removed and the new vectors added under new
+        ids (a file whose content changed). A path repeated in ``paths`` is added once.
+        ``metadata`` dicts are stored as JSON; their keys ``sha256``, ``content_sha1``,
+        ``width`` and ``height`` fill the catalog columns of those names.
         """
         keys = [os.fspath(p) for p in paths]
         x = as_matrix(vectors, self.dim, "vectors")
@@ -401,36 +348,34 @@ class ImageIndex:
             raise ValueError(f"{len(keys)} paths but {len(metas)} metadata entries")
         added_at = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
         with self._lock:
-            new = set(self.missing(keys))
-            rows, keep = [], []
+            indexed = self._ids_of_paths(keys)
+            rows, keep, seen = [], [], set()
             for i, (key, meta) in enumerate(zip(keys, metas, strict=True)):
-                if key not in new:
+                if key in seen or (key in indexed and not replace):
                     continue
-                new.discard(key)  # a path repeated in this batch is added once
-                extra = dict(meta or {})
-                sha1, width, height = (extra.pop(name, None) for name in _RESERVED_METADATA)
-                rows.append(
-                    (
-                        key,
-                        _opt(str, sha1),
-                        _opt(int, width),
-                        _opt(int, height),
-                        added_at,
-                        json.dumps(extra),
-                    )
-                )
+                seen.add(key)  # a path repeated in this batch is added once
+                rows.append(_row(key, meta, added_at))
                 keep.append(i)
             if not rows:
                 return []
-            sql = (
-                "INSERT INTO images (path, content_sha1, width, height, added_at, metadata) "
-                "VALUES (?, ?, ?, ?, ?, ?)"
-            )
-            with self._db:  # one transaction: rolled back if the vectors cannot be added
-                ids = [self._db.execute(sql, row).lastrowid for row in rows]
+            old = sorted(indexed[k] for k in seen if k in indexed)
+            with self._db:  # one transaction: rolled back if the vectors cannot be changed
+                self._delete_rows(old)
+                ids = [self._db.execute(_INSERT, row).lastrowid for row in rows]
                 self._vectors.add(x[keep], np.asarray(ids, np.int64))
+                try:
+                    if old:
+                        self._vectors.remove(np.asarray(old, np.int64))
+                except BaseException:
+                    self._vectors.remove(np.asarray(ids, np.int64))
+                    raise
             self._dirty = True
             return ids
+
+    def _delete_rows(self, ids: Sequence[int]) -> None:
+        for chunk in chunks(ids):
+            marks = ",".join("?" * len(chunk))
+            self._db.execute(f"DELETE FROM images WHERE id IN ({marks})", chunk)
 
     def remove(self, items: Iterable[int | str | os.PathLike]) -> int:
         """Remove images given by id (int) or path (str); unknown ones are ignored.
@@ -446,9 +391,7 @@ class ImageIndex:
             if not ids:
                 return 0
             with self._db:
-                for chunk in _chunks(ids):
-                    marks = ",".join("?" * len(chunk))
-                    self._db.execute(f"DELETE FROM images WHERE id IN ({marks})", chunk)
+                self._delete_rows(ids)
                 self._vectors.remove(np.asarray(ids, np.int64))
             self._dirty = True
             return len(ids)
@@ -493,3 +436,50 @@ class ImageIndex:
 
     def __repr__(self) -> str:
         return f"ImageIndex({str(self.root)!r}, count={len(self)}, kind={self._manifest['kind']!r})"
+
+
+_INSERT = (
+    "INSERT INTO images (path, content_sha1, width, height, added_at, metadata, sha256) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def _row(path: str, meta: dict | None, added_at: str) -> tuple:
+    """The catalog row of one image (``_INSERT``'s parameters)."""
+    extra = dict(meta or {})
+    sha1, width, height, sha256 = (extra.pop(name, None) for name in _RESERVED_METADATA)
+    return (
+        path,
+        _opt(str, sha1),
+        _opt(int, width),
+        _opt(int, height),
+        added_at,
+        json.dumps(extra),
+        _opt(str, sha256),
+    )
+
+
+def _record(row: tuple) -> ImageRecord:
+    """An :class:`ImageRecord` of a row selected as ``storage.COLUMNS``."""
+    id_, path, sha1, width, height, added_at, metadata, sha256 = row
+    return ImageRecord(id_, path, sha1, width, height, added_at, json.loads(metadata), sha256)
+
+
+def _check_fingerprint(
+    root: Path, manifest: dict, expected: str | None, expected_config: dict | None
+) -> None:
+    stored = manifest["encoder_fingerprint"]
+    if expected is None or expected == stored:
+        return
+    detail = (
+        "differing settings: "
+        + storage.config_differences(manifest["encoder_config"], expected_config)
+        if expected_config is not None
+        else f"index encoder config: {json.dumps(manifest['encoder_config'], sort_keys=True)}"
+    )
+    raise ConfigMismatchError(
+        f"{root}: index was built with encoder fingerprint {stored!r}, but the encoder "
+        f"in use has fingerprint {expected!r}; {detail}",
+        hint="rebuild the index with this encoder (`selret index build ... --force`) or use "
+        "the encoder it was built with",
+    )
