@@ -594,3 +594,27 @@ def test_draft_memory_follows_the_network_input(tmp_path):
         growth[mode] = int(out.stdout.split()[-1])
     assert growth["full"] > 70, growth  # MiB
     assert growth["draft"] < growth["full"] / 4, growth
+
+
+def test_png_over_the_pixel_cap_is_refused_before_any_pixel_is_decoded():
+    # A real compressed 8000 x 8000 PNG (about 200 KB): Pillow's getexif() on a PNG decodes every
+    # pixel, which the cap must not wait for (issue 12: one such upload stalled the service).
+    import io as _bytes_io
+    import resource
+    import time
+
+    from PIL import Image
+
+    from selret.errors import ImageTooLargeError
+    from selret.features.io import image_size, prepare_image
+
+    buf = _bytes_io.BytesIO()
+    Image.new("RGB", (8000, 8000), (10, 20, 30)).save(buf, "PNG")
+    data = buf.getvalue()
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    with pytest.raises(ImageTooLargeError, match="64000000 pixels exceeds"):
+        prepare_image(data, max_side=256, max_pixels=16_000_000, draft=True)
+    assert time.perf_counter() - start < 0.2
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0 < 100 * 1024  # KiB
+    assert image_size(data) == (8000, 8000)

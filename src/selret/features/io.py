@@ -139,8 +139,20 @@ def _open_image(fh: BinaryIO, label: str) -> Image.Image:
 
 
 def _transposed(img: Image.Image) -> bool:
-    """Whether the EXIF orientation of ``img`` swaps its sides (orientations 5-8)."""
+    """Whether the EXIF orientation of ``img`` swaps its sides (orientations 5-8), from the header.
+
+    For a PNG, ``getexif()`` decodes every pixel first (the eXIf chunk may follow the image data),
+    which would undo the pixel cap checked after this; so a PNG's orientation is read only from an
+    eXIf chunk that comes before the pixels (``img.info``), as a header read should.
+    """
     try:
+        if img.format == "PNG":
+            raw = img.info.get("exif")
+            if not raw:
+                return False
+            exif = Image.Exif()
+            exif.load(raw)
+            return exif.get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
         return img.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
     except Exception:  # unreadable EXIF: exif_transpose will ignore it the same way
         return False
@@ -172,6 +184,16 @@ class _Decoded:
     damage: str | None  # why the data is damaged (accepted because strict=False), or None
 
 
+def _check_pixels(label: str, width: int, height: int, decoded: tuple, max_pixels) -> None:
+    """ImageTooLargeError when the ``decoded`` (w, h) size has more than ``max_pixels`` pixels."""
+    pixels = decoded[0] * decoded[1]
+    if max_pixels is not None and pixels > max_pixels:
+        at = "" if decoded == (width, height) else f" (decoded at {decoded[0]} x {decoded[1]})"
+        raise ImageTooLargeError(
+            label, f"{width} x {height}{at} = {pixels} pixels exceeds the limit of {max_pixels}"
+        )
+
+
 def _decode(
     source: str | Path | bytes,
     label: str,
@@ -187,6 +209,8 @@ def _decode(
     """
     with _open_source(source, label) as fh, _open_image(fh, label) as img:
         width, height = img.size
+        if img.format != "JPEG":  # no reduced decoding: the header size is what gets decoded
+            _check_pixels(label, width, height, img.size, max_pixels)
         transposed = _transposed(img)
         size = (width, height) if transposed else (height, width)
         if draft is not None:
@@ -197,17 +221,7 @@ def _decode(
             if request is not None:
                 # A no-op for formats without reduced decoding; for JPEG it changes img.size.
                 img.draft(None, request)
-        pixels = img.size[0] * img.size[1]
-        if max_pixels is not None and pixels > max_pixels:
-            at = (
-                ""
-                if img.size == (width, height)
-                else f" (decoded at {img.size[0]} x {img.size[1]})"
-            )
-            raise ImageTooLargeError(
-                label,
-                f"{width} x {height}{at} = {pixels} pixels exceeds the limit of {max_pixels}",
-            )
+        _check_pixels(label, width, height, img.size, max_pixels)
         if min(width, height) < min_side:
             raise ImageTooSmallError(
                 label, f"{width} x {height} px; each side must be >= {min_side} px"
