@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import socket
 from urllib.parse import urlsplit
 
@@ -334,8 +335,19 @@ def test_openapi_lists_the_endpoints(client):
     schema = client.get("/openapi.json").json()
     assert {"/search", "/images/{image_id}", "/health", "/stats"} <= set(schema["paths"])
     search = schema["paths"]["/search"]["post"]
-    assert search["description"] and {"413", "415", "422"} <= set(search["responses"])
-    assert client.get("/docs").status_code == 200
+    assert search["description"] and {"413", "415", "422", "503"} <= set(search["responses"])
+
+
+def test_no_page_loads_anything_from_another_host(client):
+    # The stock /docs page would fetch swagger-ui from a CDN and stay blank offline: it is off.
+    assert client.get("/docs").status_code == 404
+    assert client.get("/redoc").status_code == 404
+    # What a browser would fetch: src/href attributes, CSS url(), fetch() and imports.
+    remote = re.compile(r"""(?:src|href)\s*=\s*["']?(?:https?:)?//|url\(\s*["']?(?:https?:)?//|"""
+                        r"""(?:fetch|import)\s*\(?\s*["'`](?:https?:)?//""")  # fmt: skip
+    for target in ("/", "/static/app.js", "/static/style.css"):
+        text = client.get(target).text
+        assert not remote.search(text), (target, remote.search(text))
 
 
 def test_missing_engine_fails_at_startup(tmp_path):

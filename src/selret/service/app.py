@@ -2,22 +2,28 @@
 
     POST /search          query by an uploaded image (or an indexed image's id), optional box
     GET  /images/{id}     JPEG thumbnail of an indexed image, by catalog id only
-    GET  /health          liveness
-    GET  /stats           index size, encoder, uptime, searches served, mean latency
+    GET  /health          liveness (never needs the API key)
+    GET  /stats           index size, encoder, uptime, searches served, latency, batching
     GET  /                the web page (``selret/service/web/``); /static/{name} its script and style
-    GET  /docs            OpenAPI documentation (FastAPI)
+    GET  /openapi.json    the OpenAPI schema (``/docs`` is served only where its assets are
+                          installed locally: the stock page loads them from a CDN)
 
 The engine is opened once, at startup, and shared by all requests through a
-:class:`~selret.service.state.SearchService`. Encoding (image decode + CNN) runs in the thread
-pool under its lock, so the event loop keeps serving while a query is encoded.
+:class:`~selret.service.state.SearchService`, which decodes queries in a bounded pool and runs the
+network, the encoder and the index search on micro-batches of concurrent queries. The event loop
+only awaits their futures, so it keeps serving meanwhile.
 
 Client input is never a file-system path: uploads are bytes (their file name is only a label in
-messages), and indexed images are looked up by integer catalog id. Bad input gets a 4xx with the
-reason: the typed :class:`~selret.errors.ImageError` of :mod:`selret.features.io` maps to a status code.
+messages), and indexed images are looked up by integer catalog id. Every selret error is a known
+condition and gets a 4xx (the request's fault) or a 503 (the server's), with its reason
+(:func:`error_status`); a 500 means a bug.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import re
 import time
 from contextlib import asynccontextmanager
 from importlib import resources
@@ -40,11 +46,25 @@ from selret.errors import (
     ImageNotFoundError,
     ImageTooLargeError,
     ImageTooSmallError,
+    SelretError,
 )
 from selret.features.io import parse_bbox
 from selret.search.engine import SearchEngine
 from selret.search.hits import SearchHit
-from selret.service.state import MAX_THUMBNAIL_SIDE, MIN_THUMBNAIL_SIDE, SearchService
+from selret.service.batching import Admission, ServiceBusyError
+from selret.service.config import (
+    DEFAULT_MAX_UPLOAD_BYTES,
+    MAX_THUMBNAIL_SIDE,
+    MIN_THUMBNAIL_SIDE,
+    ServiceConfig,
+)
+from selret.service.middleware import ApiKeyAuth, SearchGuard
+from selret.service.state import (
+    IndexedImageChangedError,
+    IndexedImageGoneError,
+    NetworkError,
+    SearchService,
+)
 
 __all__ = [
     "DEFAULT_MAX_UPLOAD_BYTES",
@@ -52,10 +72,11 @@ __all__ = [
     "SearchResponse",
     "SearchResult",
     "create_app",
+    "error_detail",
     "error_status",
 ]
 
-DEFAULT_MAX_UPLOAD_BYTES = 10 * 1024 * 1024
+logger = logging.getLogger(__name__)
 
 #: Room for the multipart framing and the small form fields around the image in a POST /search
 #: body: the body as a whole may exceed ``max_upload_bytes`` by this much, the image may not.
@@ -68,8 +89,13 @@ MAX_ID = 2**63 - 1
 MAX_TOP_K = 100
 MAX_QUERY_EXPANSION = 50
 
-# HTTP status of each ImageError: the first class of the error's MRO found here wins.
-_IMAGE_ERROR_STATUS: dict[type[ImageError], int] = {
+# HTTP status of each selret error: the first class of the error's MRO found here wins. 4xx: the
+# request cannot be served as sent; 409: an indexed file no longer matches the index; 503: the
+# server cannot serve it now (busy, or a server-side condition such as a broken cache or index).
+_ERROR_STATUS: dict[type[SelretError], int] = {
+    IndexedImageGoneError: 404,
+    IndexedImageChangedError: 409,
+    NetworkError: 503,
     EmptyImageError: 400,
     CorruptImageError: 415,
     ImageTooLargeError: 413,
@@ -77,7 +103,12 @@ _IMAGE_ERROR_STATUS: dict[type[ImageError], int] = {
     BoundingBoxError: 422,
     ImageNotFoundError: 404,
     ImageError: 400,
+    ServiceBusyError: 503,
+    SelretError: 503,
 }
+
+# An absolute path in a server-side error message: only its last part is shown to clients.
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.])/(?:[^\s:'\"/]+/)+([^\s:'\"/]*)")
 
 # The web page's files: a fixed list, so no request can name any other file.
 _WEB_FILES = {
@@ -87,9 +118,17 @@ _WEB_FILES = {
 }
 
 
-def error_status(error: ImageError) -> int:
-    """The HTTP status code for an image error."""
-    return next(_IMAGE_ERROR_STATUS[c] for c in type(error).__mro__ if c in _IMAGE_ERROR_STATUS)
+def error_status(error: SelretError) -> int:
+    """The HTTP status code of a selret error (never 500)."""
+    return next(_ERROR_STATUS[c] for c in type(error).__mro__ if c in _ERROR_STATUS)
+
+
+def error_detail(error: SelretError) -> str:
+    """The one-line reason a client gets: image errors name the client's label (upload name or
+    indexed image), other errors show no directory of the server."""
+    if isinstance(error, ImageError):
+        return str(error)
+    return _ABSOLUTE_PATH.sub(lambda m: m.group(1) or "/", str(error))
 
 
 # ===================================================================== HTTP models
@@ -119,45 +158,10 @@ class ErrorResponse(BaseModel):
     detail: str = Field(description="Why the request was refused.")
 
 
-_ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 413, 415, 422)}
+_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 408, 409, 413, 415, 422, 503)}
 
 
 # ===================================================================== the app
-
-
-class _BodyLimit:
-    """ASGI middleware bounding the request body of POST /search while it streams in.
-
-    A declared Content-Length over the limit is refused before any byte is read; otherwise the
-    body is counted as it arrives and the request stops with 413 once past the limit, so neither
-    memory nor the multipart spool file grows beyond it.
-    """
-
-    def __init__(self, app, max_body_bytes: int, detail: str):
-        self.app = app
-        self.max_body_bytes = max_body_bytes
-        self.detail = detail
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] != "/search" or scope["method"] != "POST":
-            return await self.app(scope, receive, send)
-        limit = self.max_body_bytes
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            response = JSONResponse({"detail": self.detail}, status_code=413)
-            return await response(scope, receive, send)
-        seen = 0
-
-        async def limited_receive():
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > limit:
-                # FastAPI re-raises an HTTPException from body parsing as it is.
-                raise HTTPException(413, self.detail)
-            return message
-
-        await self.app(scope, limited_receive, send)
 
 
 def _web_file(name: str) -> bytes:
@@ -179,29 +183,30 @@ def _hit_json(rank: int, hit: SearchHit, record) -> SearchResult:
 def create_app(
     engine_dir: str | Path,
     cache_dir: str | Path | None = None,
-    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
-    thumbnail_size: int = 256,
+    config: ServiceConfig | None = None,
+    **settings,
 ) -> FastAPI:
     """The search app over the engine at ``engine_dir`` (opened at startup, once).
 
-    ``max_upload_bytes`` bounds a query image's size; ``thumbnail_size`` is the longest side of
-    the thumbnails ``GET /images/{id}`` returns by default.
+    ``config`` holds the limits, timeouts, batching and access settings; keyword ``settings``
+    override its fields (``create_app(d, max_upload_bytes=..., thumbnail_size=...)``). Raises
+    ValueError for an invalid setting.
     """
-    if max_upload_bytes < 1:
-        raise ValueError(f"max_upload_bytes must be positive, got {max_upload_bytes}")
-    if not MIN_THUMBNAIL_SIDE <= thumbnail_size <= MAX_THUMBNAIL_SIDE:
-        raise ValueError(
-            f"thumbnail_size must be in {MIN_THUMBNAIL_SIDE}..{MAX_THUMBNAIL_SIDE}, got {thumbnail_size}"
-        )
+    config = (config or ServiceConfig()).replace(**settings)
+    max_upload_bytes = config.max_upload_bytes
+    admission = Admission(config.max_queue)
     web = {name: _web_file(name) for name in _WEB_FILES}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         engine = await run_in_threadpool(SearchEngine.open, engine_dir, cache_dir)
-        service = SearchService(engine, thumbnail_size)
-        await run_in_threadpool(service.warm_up)
-        app.state.service = service
-        yield
+        service = SearchService(engine, config, admission)
+        try:
+            await run_in_threadpool(service.warm_up)
+            app.state.service = service
+            yield
+        finally:
+            service.close()
 
     app = FastAPI(
         title="selret image search",
@@ -209,14 +214,44 @@ def create_app(
             "Image retrieval with selective deep convolutional features (Hoang et al., ACM MM 2017). "
             "Upload a query image (optionally with a box around the object of interest) and get the "
             "most similar indexed images."
+            + (
+                " Every endpoint but /health needs the API key, as `X-API-Key: KEY` or "
+                "`Authorization: Bearer KEY`."
+                if config.api_key
+                else ""
+            )
         ),
         version=_version(),
         lifespan=lifespan,
+        # The stock /docs and /redoc pages load their scripts from a CDN, blank offline: off.
+        docs_url=None,
+        redoc_url=None,
     )
+    # What the server around the app reads (selret.service.server.uvicorn_config).
+    app.state.selret_config = config
     too_large = f"upload too large: the limit is {max_upload_bytes} bytes per query image"
+    # Starlette runs the middleware added last first: CORS (answers preflights), then the key,
+    # then the guard of POST /search.
     app.add_middleware(
-        _BodyLimit, max_body_bytes=max_upload_bytes + FORM_OVERHEAD_BYTES, detail=too_large
+        SearchGuard,
+        admission=admission,
+        max_body_bytes=max_upload_bytes + FORM_OVERHEAD_BYTES,
+        too_large=too_large,
+        body_timeout_s=config.body_timeout_s,
     )
+    if config.api_key:
+        app.add_middleware(ApiKeyAuth, api_key=config.api_key)
+    if config.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(config.cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["X-API-Key", "Authorization", "Content-Type"],
+            expose_headers=["X-Image-Width", "X-Image-Height", "Retry-After"],
+            max_age=600,
+        )
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -227,6 +262,21 @@ def create_app(
             for e in errors
         )
         return JSONResponse({"detail": detail, "errors": jsonable_encoder(errors)}, status_code=422)
+
+    @app.exception_handler(SelretError)
+    async def selret_error(request: Request, exc: SelretError) -> JSONResponse:
+        status = error_status(exc)
+        body = {"detail": error_detail(exc)}
+        if exc.hint:
+            body["hint"] = exc.hint
+        headers = {}
+        if isinstance(exc, ServiceBusyError):
+            headers["Retry-After"] = str(exc.retry_after)
+        if status == 503 and not isinstance(exc, ServiceBusyError):
+            logger.warning(
+                "%s %s: %s: %s", request.method, request.url.path, type(exc).__name__, exc
+            )
+        return JSONResponse(body, status_code=status, headers=headers)
 
     def service_of(request: Request) -> SearchService:
         return request.app.state.service
@@ -239,8 +289,10 @@ def create_app(
         description=(
             "Query with an uploaded image (`image`) or with an indexed image (`id`, exactly one of "
             "the two). `bbox` restricts the query to a box given in pixels of the upright original "
-            "image. Errors: 400 empty upload or both/neither of image and id, 413 too large, "
-            "415 not a decodable image, 422 bad parameters, box or too small an image, 404 unknown id."
+            "image. Errors: 400 empty upload or both/neither of image and id, 401 missing or wrong "
+            "API key, 404 unknown id or its file is gone, 408 upload too slow, 409 the indexed "
+            "file changed on disk, 413 file or pixel count too large, 415 not a decodable image, "
+            "422 bad parameters, box or too small an image, 503 busy (see Retry-After)."
         ),
     )
     async def search(
@@ -279,13 +331,11 @@ def create_app(
         else:
             source, name = image_id, f"image {image_id}"
         start = time.perf_counter()
+        box = parse_bbox(bbox)
         try:
-            box = parse_bbox(bbox)
-            hits = await run_in_threadpool(
-                service.search, source, top_k, box, query_expansion, name
+            hits = await asyncio.wrap_future(
+                service.submit_search(source, top_k, box, query_expansion, name)
             )
-        except ImageError as e:
-            raise HTTPException(error_status(e), f"{name}: {e.reason}") from None
         except KeyError:
             raise HTTPException(404, f"no indexed image has id {image_id}") from None
         seconds = time.perf_counter() - start
@@ -307,10 +357,11 @@ def create_app(
         description=(
             "JPEG of the indexed image with catalog id `image_id`, its longest side at most `size` "
             "pixels (never enlarged). Headers X-Image-Width / X-Image-Height give the size of the "
-            "upright original, the pixel frame of a search `bbox`."
+            "upright original, the pixel frame of a search `bbox`. Errors: 404 unknown id or its "
+            "file is gone, 409 the file changed on disk into something unusable."
         ),
     )
-    def thumbnail(
+    async def thumbnail(
         request: Request,
         image_id: Annotated[
             int, PathParam(ge=0, le=MAX_ID, description="Catalog id of the image.")
@@ -326,18 +377,16 @@ def create_app(
     ) -> Response:
         service = service_of(request)
         try:
-            thumb = service.thumbnail(image_id, size or service.thumbnail_size)
+            thumb = await asyncio.wrap_future(
+                service.submit_thumbnail(image_id, size or service.thumbnail_size)
+            )
         except KeyError:
             raise HTTPException(404, f"no indexed image has id {image_id}") from None
-        except ImageNotFoundError as e:
-            raise HTTPException(
-                404, f"indexed image {image_id} is no longer readable: {e.reason}"
-            ) from None
         width, height = thumb.original_size
         headers = {
             "X-Image-Width": str(width),
             "X-Image-Height": str(height),
-            "Cache-Control": "public, max-age=3600",
+            "Cache-Control": "private, max-age=3600" if config.api_key else "public, max-age=3600",
             "X-Content-Type-Options": "nosniff",
         }
         return Response(thumb.jpeg, media_type="image/jpeg", headers=headers)
@@ -350,7 +399,8 @@ def create_app(
         "/stats",
         summary="Service statistics",
         description="Index size, vector dimension, index kind, encoder settings, uptime (s), "
-        "searches served and their mean latency (ms).",
+        "searches served and their mean latency (ms), batches run and their mean size, "
+        "searches in progress and refused as busy, and the limits in force.",
     )
     def stats(request: Request) -> dict:
         return service_of(request).stats()

@@ -26,6 +26,37 @@ function setStatus(message) {
   $("status").textContent = message;
 }
 
+// ------------------------------------------------------------------ API key
+
+// Only when the server asks for one (401): the key is asked once and kept for this tab.
+const KEY_STORE = "selret-api-key";
+
+async function api(url, options = {}) {
+  for (let attempt = 0; ; attempt++) {
+    const headers = new Headers(options.headers || {});
+    const key = sessionStorage.getItem(KEY_STORE);
+    if (key) headers.set("X-API-Key", key);
+    const response = await fetch(url, { ...options, headers });
+    if (response.status !== 401 || attempt > 0) return response;
+    const entered = window.prompt("This server needs an API key:");
+    if (!entered || !entered.trim()) return response;
+    sessionStorage.setItem(KEY_STORE, entered.trim());
+  }
+}
+
+// An <img> cannot send a header: with a key, thumbnails are fetched and shown from a blob.
+async function showThumbnail(img, url) {
+  if (!sessionStorage.getItem(KEY_STORE)) {
+    img.src = url;
+    return;
+  }
+  const response = await api(url);
+  if (!response.ok) return;
+  const blobUrl = URL.createObjectURL(await response.blob());
+  img.addEventListener("load", () => URL.revokeObjectURL(blobUrl), { once: true });
+  img.src = blobUrl;
+}
+
 // The reason an API error response gives (`detail`), else the HTTP status line.
 async function errorText(response) {
   try {
@@ -74,7 +105,7 @@ async function chooseFile(file) {
 // original size in headers so that a box drawn on the preview maps to original pixels.
 async function chooseIndexed(result) {
   showError("");
-  const response = await fetch(`/images/${result.id}?size=768`);
+  const response = await api(`/images/${result.id}?size=768`);
   if (!response.ok) {
     showError(await errorText(response));
     return false;
@@ -179,7 +210,7 @@ async function search() {
   if (expansion > 0) form.append("query_expansion", String(expansion));
   if (query.box) form.append("bbox", query.box.join(","));
   try {
-    const response = await fetch("/search", { method: "POST", body: form });
+    const response = await api("/search", { method: "POST", body: form });
     if (!response.ok) {
       showError(await errorText(response));
       setStatus("");
@@ -212,9 +243,9 @@ function renderResults(results) {
     button.type = "button";
     button.title = `Search with ${result.name}`;
     const img = document.createElement("img");
-    img.src = result.thumbnail_url;
     img.alt = result.name;
     img.loading = "lazy";
+    showThumbnail(img, result.thumbnail_url);
     const rank = document.createElement("span");
     rank.className = "rank";
     rank.textContent = `#${result.rank}`;
@@ -244,7 +275,7 @@ function renderResults(results) {
 
 async function loadInfo() {
   try {
-    const response = await fetch("/stats");
+    const response = await api("/stats");
     if (!response.ok) throw new Error(await errorText(response));
     const s = await response.json();
     $("index-info").textContent = `${s.count} images indexed · ${s.dim}-D ${s.kind} index · ${s.encoder}`;
