@@ -15,10 +15,12 @@ is not counted; neither is reading the map from disk (reported on its own line).
 
 Timing: each round times every method on all test maps, in a shuffled order; per-image times and
 ratios to R-MAC are medians over rounds (the ratio is taken within each round), so load from
-other processes hits every method alike. A per-stage breakdown (mask, PCA, embedding, whitening,
-aggregation, post-processing) calls the same module functions as ``Encoder.encode`` and checks
-that the staged result equals ``encode``'s. On CUDA it also measures batched throughput of the
-torch paths (local PCA, T-emb, whitening and ``aggregation.democratic_pool_torch`` on the GPU).
+other processes hits every method alike. A per-stage breakdown (mask, gather, PCA, embedding,
+whitening factor, Gram + democratic weights + weighted sum, post-processing) calls the functions
+of ``selret.encoding.batched`` that ``Encoder.encode`` calls and checks that the staged result
+equals ``encode``'s. A batched section gives images/s of ``Encoder.encode_many`` (``--batch``
+maps per call) on 1 and all threads; on CUDA, ``encode_many(device="cuda")`` at
+``--batch-sizes``.
 """
 
 from __future__ import annotations
@@ -35,11 +37,9 @@ import faiss
 import numpy as np
 import torch
 
-from selret.encoding.aggregation import aggregate, democratic_pool_torch
+from selret.encoding import batched
 from selret.encoding.encoder import Encoder, EncoderConfig
 from selret.encoding.masks import MASKS, compute_mask
-from selret.encoding.postprocessing import postprocess
-from selret.encoding.preprocessing import l2_normalize
 from selret.evaluation.baselines import PCAWhitening, rmac
 from selret.features import FeatureMap
 from selret.features.cache import FeatureCache
@@ -145,40 +145,38 @@ def print_table(title: str, per_round: dict, info: dict[str, str]) -> None:
 # ---------------------------------------------------------------------------- stages
 
 
-STAGES = ("mask+select", "local PCA", "T-emb embed", "whitening+l2", "democratic", "post-process")
+STAGES = ("mask", "select", "local PCA", "embed", "whitening L", "Gram+weights+sum", "post")
 
 
 def staged_encode(enc: Encoder, fmap: FeatureMap, clock: dict[str, float]) -> np.ndarray:
-    """``enc.encode(fmap)`` stage by stage with the same module calls, adding each stage's seconds
-    to ``clock``."""
-    c, emb = enc.config, enc.embedder_
-    t0 = time.process_time()
-    local = fmap.local_features(compute_mask(c.mask, fmap))
-    t1 = time.process_time()
-    reduced = enc.pca_.transform(local)
-    t2 = time.process_time()
-    phi = emb.embed(reduced)
-    t3 = time.process_time()
-    if emb.whiten:
-        phi = emb.whitener_.transform(phi)
-        if emb.normalize_after_whitening:
-            phi = l2_normalize(phi)
-    t4 = time.process_time()
-    if c.aggregation == "democratic":
-        psi = aggregate("democratic", phi, gamma=c.democratic_gamma, n_iter=c.democratic_iters)
-    else:
-        psi = aggregate(c.aggregation, phi)
-    t5 = time.process_time()
-    out = postprocess(np.asarray(psi, np.float32), enc.rotation_, c.effective_drop, c.alpha)
-    t6 = time.process_time()
-    for name, dt in zip(STAGES, np.diff([t0, t1, t2, t3, t4, t5, t6]), strict=True):
+    """``enc.encode(fmap)`` of a democratic-aggregation encoder stage by stage with the functions
+    ``encode`` calls (``selret.encoding.batched``), adding each stage's CPU seconds to ``clock``."""
+    plan = enc._plan()
+    if not plan.democratic:
+        raise ValueError("the stage breakdown covers the democratic aggregation only")
+    t = [time.process_time()]
+    mask = compute_mask(plan.mask, fmap).reshape(-1)
+    t.append(time.process_time())
+    columns = np.compress(mask, fmap.features.reshape(fmap.channels, -1), axis=1)
+    t.append(time.process_time())
+    reduced = batched.reduce(plan, columns)
+    t.append(time.process_time())
+    phi = batched.embed(plan, reduced)
+    t.append(time.process_time())
+    rows = batched.factor(plan, phi)
+    t.append(time.process_time())
+    aggregated = batched.democratic(plan, rows, np.array([columns.shape[1]]))
+    t.append(time.process_time())
+    out = batched.finish(plan, aggregated)[0]
+    t.append(time.process_time())
+    for name, dt in zip(STAGES, np.diff(t), strict=True):
         clock[name] += dt
-    return np.asarray(out, np.float32)
+    return out
 
 
 def print_breakdown(label: str, enc: Encoder, maps: Sequence[FeatureMap], repeats: int) -> None:
     ref = [enc.encode(f) for f in maps]
-    rounds: dict[str, list[float]] = {s: [] for s in (*STAGES, "rotation only", "encode()")}
+    rounds: dict[str, list[float]] = {s: [] for s in (*STAGES, "encode()")}
     max_diff = 0.0
     for _ in range(repeats):
         clock = dict.fromkeys(STAGES, 0.0)
@@ -186,84 +184,87 @@ def print_breakdown(label: str, enc: Encoder, maps: Sequence[FeatureMap], repeat
             max_diff = max(max_diff, float(np.abs(staged_encode(enc, fmap, clock) - r).max()))
         for s in STAGES:
             rounds[s].append(clock[s] / len(maps))
-        if enc.rotation_ is not None:  # the dominant part of post-processing at high D
-            psi = np.ones(enc.rotation_.mean_.shape, np.float32)
-            start = time.process_time()
-            for _ in maps:
-                enc.rotation_.transform(psi)
-            rounds["rotation only"].append((time.process_time() - start) / len(maps))
         start = time.process_time()
         for fmap in maps:
             enc.encode(fmap)
         rounds["encode()"].append((time.process_time() - start) / len(maps))
     total = sum(statistics.median(rounds[s]) for s in STAGES)
-    print(
-        f"\nPer-stage breakdown, {label} (CPU ms/img, process time, median over {repeats} rounds)"
-    )
+    n = np.mean([compute_mask(enc.config.mask, f).sum() for f in maps])
+    print(f"\nPer-stage breakdown, {label}, n = {n:.0f} kept features on average "
+          f"(CPU ms/img, process time, median over {repeats} rounds)")  # fmt: skip
     for name, times in rounds.items():
-        if not times:
-            continue
         med = statistics.median(times)
         share = f"{100 * med / total:5.1f}%" if name in STAGES else ""
-        indent = "  (of which) " if name == "rotation only" else ""
-        print(f"  {indent + name:<28} {1e3 * med:9.3f} {share:>7}")
+        print(f"  {name:<28} {1e3 * med:9.3f} {share:>7}")
     print(
         f"  {'sum of stages':<28} {1e3 * total:9.3f}   staged == encode(): max |diff| {max_diff:.1e}"
     )
-
-
-# ---------------------------------------------------------------------------- batched torch
-
-
-def encode_batch_torch(enc: Encoder, maps: Sequence[FeatureMap], device: torch.device):
-    """(B, D) vectors of ``maps`` through the torch paths on ``device``: masks on the CPU, then the
-    local features of the whole batch in one (sum n_b, K) tensor through local PCA, T-emb and
-    whitening, ``democratic_pool_torch`` over the ragged sets, and ``postprocess`` (numpy) on the
-    (B, D) batch. Returns (vectors, seconds before post-processing, seconds of post-processing)."""
     c = enc.config
-    start = time.perf_counter()
-    local = [enc.select(f) for f in maps]
-    x = torch.from_numpy(np.concatenate(local)).to(device)
-    phi = enc.embedder_.transform(enc.pca_.transform(x))
-    sets = list(phi.split([len(v) for v in local]))
-    if c.aggregation == "democratic":
-        psi = democratic_pool_torch(sets, gamma=c.democratic_gamma, n_iter=c.democratic_iters)
-    else:
-        psi = torch.stack([aggregate(c.aggregation, s) for s in sets])
-    psi = psi.cpu().numpy()  # synchronises the device
-    mid = time.perf_counter()
-    out = postprocess(psi.astype(np.float32), enc.rotation_, c.effective_drop, c.alpha)
-    return np.asarray(out, np.float32), mid - start, time.perf_counter() - mid
+    d_emb = c.embedding_dim
+    macs = n * d_emb * d_emb / 2 + n * n * d_emb
+    print(f"  (whitening L + Gram: {macs / 1e6:.0f} M multiply-adds per image: n D^2 / 2 + n^2 D, "
+          f"D = {d_emb})")  # fmt: skip
 
 
-def check_batched(enc: Encoder, maps: Sequence[FeatureMap], device: torch.device) -> float:
-    out, _, _ = encode_batch_torch(enc, maps, device)
-    return float(np.abs(out - np.stack([enc.encode(f) for f in maps])).max())
+# ---------------------------------------------------------------------------- batched
+
+
+def batched_throughput(
+    encoders: dict[str, Encoder], maps: Sequence[FeatureMap], threads: list[int], batch: int,
+    repeats: int,
+) -> None:  # fmt: skip
+    """images/s of ``encode_many`` on a batch of ``batch`` maps (the test maps repeated) against
+    ``encode`` one map at a time, per thread count; and the largest difference between the two."""
+    items = [maps[i % len(maps)] for i in range(batch)]
+    print(f"\nBatched encode_many on the CPU, {batch} maps per call (img/s, wall, median of "
+          f"{repeats}); encode() one map at a time for comparison")  # fmt: skip
+    header = f"{'config':<20} {'threads':>7} {'how':<18} {'encode_many':>12} {'encode()':>9} {'max |diff|':>11}"
+    print(header)
+    print("-" * len(header))
+    for label, enc in encoders.items():
+        diff = float(np.abs(enc.encode_many(maps) - np.stack([enc.encode(f) for f in maps])).max())
+        for n in threads:
+            # n threads: BLAS's own threads over one batch, or n workers with one BLAS thread each
+            ways = {"BLAS threads": {}} | (
+                {f"{n} workers": {"workers": n, "batch_size": 8}} if n > 1 else {}
+            )
+            for how, kwargs in ways.items():
+                with limit_threads(n):
+                    many, single = [], []
+                    for _ in range(repeats):
+                        start = time.perf_counter()
+                        enc.encode_many(items, **kwargs)
+                        many.append(time.perf_counter() - start)
+                        start = time.perf_counter()
+                        for fmap in maps:
+                            enc.encode(fmap)
+                        single.append((time.perf_counter() - start) / len(maps))
+                print(f"{label:<20} {n:7d} {how:<18} {batch / statistics.median(many):12.1f} "
+                      f"{1 / statistics.median(single):9.1f} {diff:11.1e}")  # fmt: skip
 
 
 def gpu_throughput(encoders: dict[str, Encoder], maps, batch_sizes, repeats: int) -> None:
     device = torch.device("cuda")
-    print(
-        f"\nBatched torch paths on {torch.cuda.get_device_name(device)} (masks and post-process on CPU)"
-    )
-    header = f"{'config':<24} {'batch':>5} {'img/s':>9} {'ms/img':>8} {'mask+GPU ms/img':>15} {'post ms/img':>12}"
+    print(f"\nencode_many(device='cuda') on {torch.cuda.get_device_name(device)} "
+          "(masks on the CPU, every later stage on the GPU)")  # fmt: skip
+    header = f"{'config':<20} {'batch':>6} {'img/s':>10} {'ms/batch':>9}"
     print(header)
     print("-" * len(header))
     for label, enc in encoders.items():
-        print(
-            f"{label:<24} check vs CPU encode(): max |diff| {check_batched(enc, maps[:4], device):.1e}"
-        )
+        on_gpu = enc.encode_many(maps, device=device)
+        diff = float(np.abs(on_gpu - enc.encode_many(maps)).max())
+        print(f"{label:<20} check against the CPU path: max |diff| {diff:.1e}")
         for bs in batch_sizes:
-            batch = [maps[i % len(maps)] for i in range(bs)]
-            encode_batch_torch(enc, batch, device)  # warm-up: kernels, cached projection
+            items = [maps[i % len(maps)] for i in range(bs)]
+            enc.encode_many(items, device=device, batch_size=bs, max_elements=1 << 30)  # warm-up
             torch.cuda.synchronize()
-            runs = [encode_batch_torch(enc, batch, device)[1:] for _ in range(repeats)]
-            dev = statistics.median(r[0] for r in runs) / bs
-            post = statistics.median(r[1] for r in runs) / bs
-            print(
-                f"{label:<24} {bs:5d} {1 / (dev + post):9.1f} {1e3 * (dev + post):8.3f} "
-                f"{1e3 * dev:15.3f} {1e3 * post:12.3f}"
-            )
+            runs = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                enc.encode_many(items, device=device, batch_size=bs, max_elements=1 << 30)
+                runs.append(time.perf_counter() - start)
+            wall = statistics.median(runs)
+            print(f"{label:<20} {bs:6d} {bs / wall:10.1f} {1e3 * wall:9.2f}")
         torch.cuda.empty_cache()
 
 
@@ -313,7 +314,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         default="max:temb-demo-512,max:temb-demo-4096",
         help="mask:preset configs to break down by stage ('' for none)",
     )
-    ap.add_argument("--batch-sizes", default="1,16,64,256", help="GPU batch sizes (CUDA only)")
+    ap.add_argument("--batch", type=int, default=64, help="maps per encode_many call on the CPU")
+    ap.add_argument("--batch-sizes", default="1,16,64,256,1024", help="GPU batch sizes (CUDA only)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
         "--quick",
@@ -422,31 +424,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             with limit_threads(n):
                 print_breakdown(f"{label}, {n} thread(s)", encoders[label], test, repeats)
 
-    # ------------------------------------------------------------ batched torch paths
-    # The batch path on the CPU, one thread: checks the code the GPU runs, and shows what batching
-    # the images (one GEMM per stage instead of one per image) gains over encode().
-    for label in ("MAX-mask 512-D", "MAX-mask 4096-D"):
-        if label not in encoders:
-            continue
-        enc = encoders[label]
-        with limit_threads(1):
-            diff = check_batched(enc, test[:4], torch.device("cpu"))
-            cpu = time.process_time()
-            _, dev_s, post_s = encode_batch_torch(enc, test, torch.device("cpu"))
-            cpu = (time.process_time() - cpu) / len(test)
-            single = time.process_time()
-            for fmap in test:
-                enc.encode(fmap)
-            single = (time.process_time() - single) / len(test)
-        print(f"\nbatched torch path on CPU, {label}, batch {len(test)}, 1 thread: max |diff| vs "
-              f"encode() {diff:.1e}; {1e3 * cpu:.2f} CPU ms/img vs encode() {1e3 * single:.2f} "
-              f"(post-process {1e3 * post_s / len(test):.2f} wall ms/img of the batch)")  # fmt: skip
+    # ------------------------------------------------------------ batched encode_many
+    wanted = [k for k in ("MAX-mask 512-D", "SUM-mask 512-D", "MAX-mask 4096-D") if k in encoders]
+    batched_throughput({k: encoders[k] for k in wanted}, test, threads, args.batch, repeats)
     if torch.cuda.is_available():
         sizes = [int(b) for b in args.batch_sizes.split(",") if b]
-        wanted = ("MAX-mask 512-D", "MAX-mask 4096-D", "none-mask 4096-D")
-        gpu_throughput({k: encoders[k] for k in wanted if k in encoders}, test, sizes, repeats)
+        gpu_throughput({k: encoders[k] for k in wanted}, test, sizes, repeats)
     else:
-        print("\n(no CUDA device: batched GPU throughput not measured)")
+        print("\n(no CUDA device: GPU batched throughput not measured)")
 
 
 if __name__ == "__main__":

@@ -189,11 +189,14 @@ def test_auto_device_without_gpu_is_the_numpy_path(learn_maps):
     assert encoding_device(None) is None
 
 
-def test_encode_many_is_bit_identical_to_encode(learn_maps, test_maps):
+def test_encode_many_agrees_with_encode(learn_maps, test_maps):
+    # Batched products round differently from single-image ones: agreement to float32 rounding
+    # (tests/test_encode_batched.py bounds it against a float64 reference), not bit for bit.
     enc = Encoder(EncoderConfig(embedding="temb", d=16, k=10, kmeans_iters=5)).fit(learn_maps)
     many = enc.encode_many(test_maps)
-    for i, fmap in enumerate(test_maps):
-        np.testing.assert_array_equal(many[i], enc.encode(fmap))
+    single = np.stack([enc.encode(fmap) for fmap in test_maps])
+    np.testing.assert_allclose(many, single, atol=1e-3)
+    np.testing.assert_allclose(np.sign(many) * many**2, np.sign(single) * single**2, atol=1e-6)
 
 
 def test_fingerprint_ignores_the_preset_label(learn_maps):

@@ -58,7 +58,7 @@ def paths(n: int, start: int = 0) -> list[str]:
 # ===================================================================== VectorIndex
 
 
-@pytest.mark.parametrize("kind", ["exact", "hnsw", "ivfpq"])
+@pytest.mark.parametrize("kind", vectors_mod.KINDS)
 def test_search_finds_each_vector_under_its_id(kind):
     x = clustered(600)
     ids = np.arange(600, dtype=np.int64) * 7 + 3  # arbitrary, non-contiguous ids
@@ -96,7 +96,7 @@ def faiss_settings() -> dict:
     return {name: getattr(faiss.cvar, name) for name in FAISS_SETTINGS}
 
 
-@pytest.mark.parametrize("kind", ["exact", "hnsw", "ivfpq"])
+@pytest.mark.parametrize("kind", vectors_mod.KINDS)
 def test_a_query_scores_the_same_alone_and_in_a_batch(kind):
     # faiss's BLAS and per-query kernels round differently and it picks one by batch size; with
     # vectors of norm 8 (scores up to 64) any such rounding difference exceeds 1e-6.
@@ -127,9 +127,9 @@ assert before == after, (before, after)
 
 def test_training_and_searching_leave_faiss_settings_alone():
     before = faiss_settings()
-    for kind in ("exact", "hnsw", "ivfpq"):
+    for kind in vectors_mod.KINDS:
         index = VectorIndex(D, kind)
-        index.add(clustered(400, seed=42), np.arange(400))  # IVF-PQ: trained here
+        index.add(clustered(400, seed=42), np.arange(400))  # IVF-PQ, IVF, binary: trained here
         index.search(clustered(30, seed=43), 5)
     assert faiss_settings() == before
     with blas_brute_force(), blas_brute_force():  # nested, as from threads
@@ -167,7 +167,7 @@ def test_add_rejects_bad_input():
     assert index.ntotal == 3
 
 
-@pytest.mark.parametrize("kind", ["exact", "hnsw", "ivfpq"])
+@pytest.mark.parametrize("kind", vectors_mod.KINDS)
 def test_remove_keeps_other_ids_and_vectors(kind):
     x = clustered(600, seed=3)
     ids = np.arange(600, dtype=np.int64) + 100
@@ -188,10 +188,11 @@ def test_remove_keeps_other_ids_and_vectors(kind):
 def test_reconstruct_is_exact_for_raw_kinds_and_close_for_ivfpq():
     x = clustered(600, seed=4)
     ids = np.arange(600)
-    for kind in ("exact", "hnsw"):
+    for kind in ("exact", "hnsw", "ivf", "binary"):
         index = VectorIndex(D, kind)
         index.add(x, ids)
         np.testing.assert_array_equal(index.reconstruct(7), x[7])
+        np.testing.assert_array_equal(index.reconstruct([9, 3]), x[[9, 3]])
     index = VectorIndex(D, "ivfpq")
     index.add(x, ids)
     error = np.linalg.norm(index.reconstruct(ids) - x, axis=1)
@@ -212,17 +213,23 @@ def test_hnsw_tombstones_are_compacted():
     assert not np.isin(index.search(x[:150], 10)[1], ids[:150]).any()
 
 
-@pytest.mark.parametrize("kind", ["exact", "hnsw", "ivfpq"])
+@pytest.mark.parametrize("kind", vectors_mod.KINDS)
 def test_save_load_round_trip(kind, tmp_path):
     x = clustered(600, seed=6)
     ids = np.arange(600) * 2
-    index = VectorIndex(D, kind, ef_search=64, nprobe=8)
+    index = VectorIndex(D, kind, ef_search=64, nprobe=8, k_factor=20)
     index.add(x, ids)
     index.remove([0, 2])  # HNSW: tombstones must survive the file
     index.save(tmp_path / "v.faiss")
     loaded = VectorIndex.load(tmp_path / "v.faiss")
     assert (loaded.index_kind, loaded.ntotal, loaded.dim) == (kind, 598, D)
-    setting = {"exact": None, "hnsw": ("ef_search", 64), "ivfpq": ("nprobe", 8)}[kind]
+    setting = {
+        "exact": None,
+        "hnsw": ("ef_search", 64),
+        "ivfpq": ("nprobe", 8),
+        "ivf": ("nprobe", 8),
+        "binary": ("k_factor", 20),
+    }[kind]
     if setting:  # the search setting of the kind is kept in its file
         assert loaded.params[setting[0]] == setting[1]
     q = clustered(20, seed=7)
@@ -247,8 +254,7 @@ def test_ivfpq_needs_enough_training_vectors():
 
 def test_auto_kind_grows_through_the_thresholds(monkeypatch):
     monkeypatch.setattr(vectors_mod, "AUTO_EXACT_MAX", 300)
-    monkeypatch.setattr(vectors_mod, "AUTO_HNSW_MAX", 700)
-    assert [choose_kind(n) for n in (299, 300, 699, 700)] == ["exact", "hnsw", "hnsw", "ivfpq"]
+    assert [choose_kind(n) for n in (299, 300, 10**7)] == ["exact", "ivf", "ivf"]
     x = clustered(800, seed=8)
     ids = np.arange(800) + 1
     index = VectorIndex(D, "auto")
@@ -256,7 +262,7 @@ def test_auto_kind_grows_through_the_thresholds(monkeypatch):
     for batch in np.array_split(np.arange(800), 4):
         index.add(x[batch], ids[batch])
         kinds.append(index.index_kind)
-    assert kinds == ["exact", "hnsw", "hnsw", "ivfpq"] and index.kind == "auto"
+    assert kinds == ["exact", "ivf", "ivf", "ivf"] and index.kind == "auto"
     assert index.ntotal == 800
     _, found = index.search(x[::80], 1)
     np.testing.assert_array_equal(found[:, 0], ids[::80])

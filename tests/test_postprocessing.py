@@ -2,8 +2,10 @@ import numpy as np
 import pytest
 
 from selret.encoding.postprocessing import (
+    COMPLETION_NOISE,
     Rotation,
     drop_leading,
+    drop_start,
     l2_normalize,
     postprocess,
     power_law,
@@ -172,7 +174,8 @@ def test_rotation_bad_input():
 
 
 def test_postprocess_chain_matches_steps_and_gives_unit_vectors():
-    x = _training(6, 20, seed=9)
+    # 12 training vectors learn 11 >= 2 * drop directions: the paper's drop applies as it is
+    x = _training(12, 20, seed=9)
     rot = Rotation().fit(l2_normalize(x))
     psi = np.random.default_rng(10).standard_normal((4, 20)) + 1.0
     out = postprocess(psi, rot, drop=3, alpha=0.5)
@@ -188,3 +191,20 @@ def test_postprocess_chain_matches_steps_and_gives_unit_vectors():
     np.testing.assert_allclose(postprocess(psi, None, 0, 1.0), l2_normalize(psi), rtol=1e-12)
     # Scaling the aggregated vector changes nothing (first step is l2).
     np.testing.assert_allclose(postprocess(7.0 * psi, rot, drop=3), out, rtol=1e-10)
+
+
+def test_small_learning_set_keeps_learned_directions_and_zeroes_completion_noise():
+    x = l2_normalize(_training(6, 20, seed=9))
+    rot = Rotation().fit(x)
+    assert rot.n_components_ == 5
+    # drop 3 of 5 learned directions would keep 2: the kept window starts at 5 - 3 = 2 instead
+    assert drop_start(5, 3) == 2
+    new = np.random.default_rng(10).standard_normal(20) + 1.0
+    out = postprocess(new, rot, drop=3, alpha=1.0)
+    steps = rot.transform(new / np.linalg.norm(new))[2:19]
+    np.testing.assert_allclose(out, steps / np.linalg.norm(steps), rtol=1e-12)
+    # a training vector lies in the learned span: its completion part is rounding noise, zeroed
+    learned = postprocess(x[0], rot, drop=3, alpha=0.5)
+    assert np.abs(learned[3:]).max() == 0 and np.abs(learned[:3]).min() > 0
+    # the completion of a vector outside the span is kept
+    assert np.abs(out[3:]).max() > 100 * COMPLETION_NOISE

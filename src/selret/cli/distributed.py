@@ -93,7 +93,10 @@ def ingest(
         "-e",
         help="With a new --index: create a search engine with this encoder (else a bare index).",
     ),
-    kind: str = typer.Option("exact", help="Index kind when creating: exact, hnsw, ivfpq or auto."),
+    kind: str = typer.Option(
+        "exact",
+        help="Index kind when creating: exact, hnsw, ivfpq, ivf, binary or auto (exact below 20k vectors, ivf above).",
+    ),
 ) -> None:
     """Add every shard to one index (images already indexed are skipped)."""
     from selret.distributed import ingest_shards

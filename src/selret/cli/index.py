@@ -75,7 +75,10 @@ def build(
     mask: str | None = typer.Option(None, help="Mask for --learn [max]."),
     max_side: int | None = typer.Option(None, "--max-side", help="Image size for --learn [1024]."),
     weights: str | None = typer.Option(None, help="Backbone weights for --learn [vgg16-caffe]."),
-    kind: str = typer.Option("exact", help="exact, hnsw, ivfpq or auto (by collection size)."),
+    kind: str = typer.Option(
+        "exact",
+        help="exact, hnsw, ivfpq, ivf, binary or auto (exact below 20k vectors, ivf above).",
+    ),
     cache: Path | None = typer.Option(
         None, help="Feature cache [$SELRET_CACHE or ~/.cache/selret/features]."
     ),

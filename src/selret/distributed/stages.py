@@ -97,7 +97,8 @@ class EncodeActor:
     (``fingerprint``); it then holds one :class:`Extractor` of that encoder, whose backbone is
     loaded once, on ``device``. A call groups the batch's images by size (a forward pass needs
     equal sizes) and runs each group through :meth:`Extractor.forward` (``batch_size`` images per
-    pass; a failed pass is split to find the image at fault), then ``Encoder.encode`` per map.
+    pass; a failed pass is split to find the image at fault), then one batched
+    ``Encoder.encode_many`` over all the maps of the call (each map alone only if a map fails it).
     Out: ``path``, ``error``, ``reason``, ``vector`` ((n, D) float32; zeros where ``error`` is
     set), ``height``, ``width``.
     """
@@ -127,6 +128,8 @@ class EncodeActor:
             config, device=device, batch_size=batch_size, keypoints=config.mask == "sift"
         )
         _ = self.extractor.backbone  # loaded now, once per actor, not on the first batch
+        # the encoding stages run where the backbone does (numpy on a CPU-only worker)
+        self.device = None if device == "cpu" else device
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["path"])
@@ -137,6 +140,7 @@ class EncodeActor:
         for i in range(n):
             if not errors[i]:
                 groups.setdefault((int(batch["height"][i]), int(batch["width"][i])), []).append(i)
+        maps: dict[int, FeatureMap] = {}  # the rows whose map the network gave
         for (h, w), rows in groups.items():
             rgbs = [np.frombuffer(batch["rgb"][i], np.uint8).reshape(h, w, 3) for i in rows]
             # forward() returns the RuntimeError of an image that fails in the network even
@@ -145,11 +149,8 @@ class EncodeActor:
                 if isinstance(result, Exception):
                     errors[i], reasons[i] = _failure_reason(result)
                     continue
-                fmap = FeatureMap(result, (h, w), _keypoints(batch, i))
-                try:
-                    vectors[i] = self.encoder.encode(fmap)
-                except ENCODE_ERRORS as exc:  # a map this encoder cannot use
-                    errors[i], reasons[i] = _failure_reason(exc)
+                maps[i] = FeatureMap(result, (h, w), _keypoints(batch, i))
+        self._encode(maps, vectors, errors, reasons)
         return {
             "path": batch["path"],
             "error": np.array(errors, dtype=object),
@@ -158,6 +159,22 @@ class EncodeActor:
             "height": batch["height"],
             "width": batch["width"],
         }
+
+    def _encode(self, maps: dict[int, FeatureMap], vectors, errors, reasons) -> None:
+        """Vectors of ``maps`` (row -> map) in one batched ``encode_many``; if a map this encoder
+        cannot use fails the batch, each map alone, so that only that one is reported."""
+        if not maps:
+            return
+        try:
+            vectors[list(maps)] = self.encoder.encode_many(list(maps.values()), device=self.device)
+            return
+        except ENCODE_ERRORS:
+            pass
+        for i, fmap in maps.items():
+            try:
+                vectors[i] = self.encoder.encode(fmap, device=self.device)
+            except ENCODE_ERRORS as exc:  # a map this encoder cannot use
+                errors[i], reasons[i] = _failure_reason(exc)
 
 
 def _keypoints(batch: dict[str, np.ndarray], i: int) -> np.ndarray | None:

@@ -41,37 +41,71 @@ def average_pool(phi: Array) -> Array:
     return _check_phi(phi).mean(0)
 
 
+def gram_democratic_weights(
+    gram, scale=None, gamma: float = 0.5, n_iter: int = 10, overwrite: bool = False
+):
+    """Democratic weights (Jegou & Zisserman 2014) from the Gram matrix of a batch of feature sets.
+
+    ``gram`` (..., n, n) is G = V V^T of n rows v_i (numpy or torch; clamped at 0 here, in place
+    with ``overwrite``, else on a copy); the rows aggregated are ``scale_i * v_i`` (``scale`` (..., n), default 1), so
+    ``scale = 1 / |v_i|`` aggregates the l2-normalised rows without forming them. Returns w
+    (..., n), the democratic weights times ``scale``: the aggregate is ``sum_i w_i v_i``.
+
+    Sinkhorn-like iteration on H = diag(scale) G+ diag(scale): lambda = 1, then ``n_iter`` times
+    s = row sums of diag(lambda) H diag(lambda), delta = s^-gamma, lambda <- lambda * delta. The
+    row sums are lambda * (H lambda), one matrix-vector product per step (H is never scaled). A zero row (a zero
+    feature, a zero scale or padding) gets weight 0 rather than an infinite one, so it neither
+    contributes nor changes the other weights: zero-padding a ragged batch is exact.
+    """
+    if gram.ndim < 2 or gram.shape[-1] != gram.shape[-2]:
+        raise ValueError(f"gram must be (..., n, n), got shape {tuple(gram.shape)}")
+    if gram.shape[-1] == 0:
+        raise ValueError("phi has no local feature (n = 0): nothing to aggregate")
+    if n_iter < 0:
+        raise ValueError(f"n_iter must be >= 0, got {n_iter}")
+    if isinstance(gram, torch.Tensor):
+        xp, positive_part = torch, gram.clamp_(min=0) if overwrite else gram.clamp(min=0)
+        weights = gram.new_ones(gram.shape[:-1])
+    else:
+        xp, positive_part = np, np.maximum(gram, 0, out=gram if overwrite else None)
+        weights = np.ones(gram.shape[:-1], gram.dtype)
+    if scale is not None:
+        weights = weights * scale
+    # H's row i is zero exactly when G_ii = |v_i|^2 = 0 or scale_i = 0: weight 0 from the start.
+    # Every other row keeps s_i >= lambda_i^2 H_ii > 0, so the loop needs no test.
+    live = (positive_part.diagonal(0, -2, -1) > 0) & (weights > 0)
+    weights = weights * live
+    # adding ``dead`` (1 on zero rows, when there are any) keeps 0 / 0 out of them
+    dead = None if bool(live.all()) else ~live
+    if dead is not None:
+        dead = dead.to(weights.dtype) if xp is torch else dead.astype(weights.dtype)
+    single = gram.ndim == 2  # a matrix-vector product, without the batch dimension's overhead
+    for _ in range(n_iter):
+        # with w = lambda * scale: s = w * (G+ w), and lambda * delta times scale is w * s^-gamma
+        g = positive_part @ weights if single else (positive_part @ weights[..., None])[..., 0]
+        if dead is not None:
+            g = g + dead
+        if gamma == 0.5:  # the paper's; a square root is several times faster than a power
+            weights = xp.sqrt(weights / g)
+        else:
+            weights = weights * xp.where(weights > 0, weights * g, 1) ** -gamma
+    return weights
+
+
 def democratic_weights_torch(
     phi: torch.Tensor, gamma: float = 0.5, n_iter: int = 10
 ) -> torch.Tensor:
-    """Democratic weights (Jegou & Zisserman 2014) of a batch of feature sets.
-
-    ``phi`` is (..., n, D) float; the result is (..., n): weights lambda such that
-    ``lambda_i * phi_i^T psi`` is about the same for every i, with psi = sum_i lambda_i phi_i.
-    Sinkhorn-like iteration on the Gram matrix G = Phi Phi^T with negatives clipped to 0: start
-    from lambda = 1 and repeat ``n_iter`` times: s = row sums of G, delta = s^-gamma,
-    G <- diag(delta) G diag(delta), lambda <- lambda * delta.
-    A zero row of ``phi`` (the only way to get a zero sum in G, since G_ii = |phi_i|^2 and G >= 0)
-    gets weight 0 rather than an infinite one. Zero rows thus neither contribute nor change the
-    other weights, which makes zero-padding a ragged batch exact.
-    """
+    """Democratic weights (..., n) of a batch of feature sets ``phi`` (..., n, D): weights lambda
+    such that ``lambda_i * phi_i^T psi`` is about the same for every i, with
+    psi = sum_i lambda_i phi_i. See ``gram_democratic_weights`` (zero rows get weight 0, so
+    zero-padding a ragged batch is exact)."""
     if phi.ndim < 2:
         raise ValueError(f"phi must be (..., n, D), got shape {tuple(phi.shape)}")
     if phi.shape[-2] == 0:
         raise ValueError("phi has no local feature (n = 0): nothing to aggregate")
-    if n_iter < 0:
-        raise ValueError(f"n_iter must be >= 0, got {n_iter}")
     if not phi.is_floating_point():
         phi = phi.float()
-    gram = (phi @ phi.transpose(-1, -2)).clamp_(min=0)
-    weights = torch.ones(phi.shape[:-1], dtype=phi.dtype, device=phi.device)
-    for _ in range(n_iter):
-        sums = gram.sum(-1)  # G stays symmetric, so row sums are its column sums
-        positive = sums > 0
-        delta = torch.where(positive, torch.where(positive, sums, 1.0).pow(-gamma), 0.0)
-        gram = gram * delta.unsqueeze(-1) * delta.unsqueeze(-2)
-        weights = weights * delta
-    return weights
+    return gram_democratic_weights(phi @ phi.transpose(-1, -2), None, gamma, n_iter)
 
 
 def _float_phi(phi: Array) -> Array:

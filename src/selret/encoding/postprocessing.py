@@ -3,6 +3,18 @@
 Vectors are rows: (D,) for one image or (N, D) for many. The rotation is learned on the
 l2-normalised aggregated vectors of a held-out set (``Rotation.fit``); ``postprocess`` chains the
 steps for the vectors to encode.
+
+Small learning sets. N learning images determine r <= N - 1 rotation directions; the rest of the
+basis is an arbitrary completion (SPEC 6). Two rules keep such encoders well defined (both are
+no-ops once r >= 2 * drop, e.g. every shipped encoder):
+
+- ``drop_start``: the drop removes leading *learned* directions only while as many learned ones
+  stay; with r <= drop the paper's rule would keep completion directions only, and a learning
+  image, which lies in the learned span, would be encoded as pure rounding noise.
+- ``COMPLETION_NOISE``: a vector whose component on the (kept) completion directions is at
+  rounding level (a learning image) gets exactly zero there. The power law's slope is infinite at
+  0, so otherwise float32 rounding, which differs between a batched and a single-image encode or
+  between CPU and GPU, would be amplified into components of about 1e-3.
 """
 
 from __future__ import annotations
@@ -24,6 +36,21 @@ def power_law(x: np.ndarray, alpha: float = 0.5) -> np.ndarray:
     if alpha == 1:
         return x.copy()
     return np.sign(x) * np.abs(x) ** np.asarray(alpha, dtype=x.dtype)
+
+
+# Norm below which the completion part of a rotated unit vector counts as rounding noise. A learning
+# image has about 1e-6 there (float32 rounding through whitening and aggregation); an image outside
+# the learning set has its distance to the learned span, about 0.1 or more.
+COMPLETION_NOISE = 1e-3
+
+
+def drop_start(n_learned: int, drop: int) -> int:
+    """Index of the first kept rotated component: ``drop`` (the paper's rule) when the rotation
+    learned at least ``2 * drop`` directions, else only the learned directions beyond ``drop``,
+    ``max(0, n_learned - drop)``, so that at least ``min(n_learned, drop)`` learned ones stay."""
+    if drop < 0 or n_learned < 0:
+        raise ValueError(f"drop and n_learned must be >= 0, got {drop}, {n_learned}")
+    return min(drop, max(0, n_learned - drop))
 
 
 def drop_leading(x: np.ndarray, n: int) -> np.ndarray:
@@ -162,10 +189,22 @@ def postprocess(
 
     ``psi`` is (D,) or (N, D); ``rotation`` (fitted on l2-normalised aggregated vectors of a
     held-out set) may be None to skip that step. Returns float vectors of dimension D - drop.
+    With a rotation that learned fewer than ``2 * drop`` directions, the kept components start at
+    ``drop_start`` and completion components at rounding level are zeroed (see the module
+    docstring). This is the reference of the step; ``selret.encoding.batched`` folds it.
     """
     x = l2_normalize(psi)
-    if rotation is not None:
-        x = rotation.transform(x)
-    if drop:
-        x = drop_leading(x, drop)
+    if rotation is None:
+        return l2_normalize(power_law(drop_leading(x, drop) if drop else x, alpha))
+    x = rotation.transform(x)
+    dim = drop_leading(x, drop).shape[-1]  # validates drop
+    start = drop_start(rotation.n_components_, drop)
+    x = x[..., start : start + dim]
+    learned = max(rotation.n_components_ - start, 0)  # the kept learned components come first
+    if learned < dim:
+        completion = x[..., learned:]
+        # every completion direction has the same scale (1 without whitening)
+        scale = rotation.scale_[rotation.n_components_]
+        noise = np.linalg.norm(completion, axis=-1, keepdims=True) <= COMPLETION_NOISE * scale
+        x[..., learned:] = np.where(noise, 0, completion)
     return l2_normalize(power_law(x, alpha))

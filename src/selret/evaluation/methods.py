@@ -124,6 +124,13 @@ class EncoderMethod:
     def encode_many(self, maps: Iterable[FeatureMap], progress: bool = False) -> np.ndarray:
         return self.encoder.encode_many(maps, progress=progress)
 
+    def encode_many_kept(
+        self, maps: Iterable[FeatureMap], kept: list[float], progress: bool = False
+    ) -> np.ndarray:
+        """``encode_many`` (batched), appending each map's kept fraction of local features to
+        ``kept``: the masks are computed once, by the encoder."""
+        return self.encoder.encode_many(maps, progress=progress, kept=kept)
+
     def describe(self) -> dict:
         c = self.config
         return describe_method(

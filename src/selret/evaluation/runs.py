@@ -36,7 +36,8 @@ class _ObservedMap(FeatureMap):
     """A FeatureMap that records the share of its grid the method read through
     ``local_features(mask)``: the run learns what the method's mask kept from the mask the method
     computed, instead of computing it a second time. A method that never asks for masked local
-    features (a baseline pooling the whole map) kept everything."""
+    features (a baseline pooling the whole map) kept everything. (A method with
+    ``encode_many_kept``, the selective encoder, reports its masks itself.)"""
 
     kept = 1.0
 
@@ -50,6 +51,10 @@ class _ObservedMap(FeatureMap):
 
 
 def _encode(method: Method, maps: Iterable[FeatureMap]) -> tuple[np.ndarray, list[float]]:
+    batched = getattr(method, "encode_many_kept", None)
+    if batched is not None:  # batched encoding; the encoder records what its masks kept
+        kept: list[float] = []
+        return np.asarray(batched(maps, kept), np.float32), kept
     vecs, kept = [], []
     for fmap in maps:
         seen = _ObservedMap.of(fmap)

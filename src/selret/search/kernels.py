@@ -15,7 +15,7 @@ import numpy as np
 
 from selret.numerics import blas_brute_force
 
-__all__ = ["blas_brute_force", "exact_top_k", "flat_vectors"]
+__all__ = ["blas_brute_force", "exact_top_k", "flat_vectors", "rescore_top_k"]
 
 _SCORE_BLOCK = 1 << 24  # score-matrix entries per BLAS product in exact_top_k (64 MB)
 
@@ -31,11 +31,9 @@ def exact_top_k(base: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarr
     """
     base = np.ascontiguousarray(base, dtype=np.float32)
     q = np.ascontiguousarray(queries, dtype=np.float32)
-    (n, dim), nq = base.shape, len(q)
-    scores = np.full((nq, k), -np.inf, np.float32)
-    rows = np.full((nq, k), -1, np.int64)
+    n, nq = len(base), len(q)
     if not n or not nq:
-        return scores, rows
+        return rescore_top_k(base, q, np.zeros((nq, 0), np.int64), k)
     n_cand = min(n, 2 * k + 16)  # the margin absorbs BLAS rounding (~1e-7) at the cut
     if n_cand == n:
         cand = np.tile(np.arange(n, dtype=np.int64), (nq, 1))
@@ -45,14 +43,42 @@ def exact_top_k(base: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarr
         for start in range(0, nq, step):
             block = q[start : start + step] @ base.T
             cand[start : start + step] = np.argpartition(block, n - n_cand, axis=1)[:, n - n_cand :]
-    exact = np.empty((nq, n_cand), np.float32)
+    return rescore_top_k(base, q, cand, k)
+
+
+def rescore_top_k(
+    base: np.ndarray, queries: np.ndarray, candidates: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` best of each query's ``candidates`` (rows of ``base``) by exact inner product.
+
+    ``candidates`` is (nq, m) int64, ``-1`` for none (a short list, e.g. of an IVF or Hamming
+    search, may be padded). Each score is computed with faiss's per-pair SIMD inner product, which
+    sees only that query and that row, so it does not depend on the batch. Returns (scores (nq, k)
+    float32, rows (nq, k) int64), best first, equal scores in row order, padded with ``-inf`` /
+    ``-1``. Duplicate candidates are the caller's to avoid.
+    """
+    base = np.ascontiguousarray(base, dtype=np.float32)
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    cand = np.ascontiguousarray(candidates, dtype=np.int64)
+    (nq, m), dim = cand.shape, base.shape[1]
+    scores = np.full((nq, k), -np.inf, np.float32)
+    rows = np.full((nq, k), -1, np.int64)
+    if not m or not nq:
+        return scores, rows
+    exact = np.empty((nq, m), np.float32)
     faiss.fvec_inner_products_by_idx(
-        faiss.swig_ptr(exact), faiss.swig_ptr(q), faiss.swig_ptr(base), faiss.swig_ptr(cand),
-        dim, nq, n_cand,
-    )  # fmt: skip
+        faiss.swig_ptr(exact),
+        faiss.swig_ptr(q),
+        faiss.swig_ptr(base),
+        faiss.swig_ptr(cand),
+        dim,
+        nq,
+        m,
+    )  # fmt: skip  (a row -1 scores -inf)
     top = np.lexsort((cand, -exact))[:, :k]
     scores[:, : top.shape[1]] = np.take_along_axis(exact, top, 1)
     rows[:, : top.shape[1]] = np.take_along_axis(cand, top, 1)
+    rows[scores == -np.inf] = -1
     return scores, rows
 
 
