@@ -6,11 +6,13 @@ the real data sets, synthetic distractors that match their statistics, and isotr
   and SMVS DVD covers (references and the Canon and Droid phone photos) at 512 px. Maps come from
   (and missing ones go to) feature caches; the encoded vectors are cached in ``--work-dir``.
 * **realistic** synthetic vectors: draws of a Gaussian with the mean and the Ledoit-Wolf-shrunk
-  covariance of the real vectors (paris and fit set pooled), l2-normalised as selret vectors are.
-  Ledoit-Wolf, because 600 samples in 512 dimensions leave the smallest sample eigenvalues near
-  zero, which would make the draws look lower-dimensional (and easier to search) than they are.
-  Second moments only: the draws have none of the near-duplicates and tight clusters of real
-  collections, so search on them is harder than on real vectors.
+  covariance of real vectors, l2-normalised as selret vectors are (:func:`distractor_model`):
+  by default of the fit set only (``"fit"``: photos unrelated to Paris, as distractor sets are),
+  or of the fit set and the Paris images pooled (``"pooled"``: an adversarial set that puts the
+  distractors in the evaluated landmarks' own subspace). Ledoit-Wolf, because a few hundred
+  samples in 512 dimensions leave the smallest sample eigenvalues near zero, which would make the
+  draws look lower-dimensional (and easier to search) than they are. Second moments only: the
+  draws have none of the near-duplicates and tight clusters of real collections.
 * **isotropic**: uniform on the sphere, the worst case for approximate search.
 
 Large synthetic sets are written once to ``--work-dir`` as ``.npy`` files and memory-mapped.
@@ -114,6 +116,17 @@ class GaussianModel:
             block = rng.standard_normal((min(_CHUNK, n - start), len(self.mean)), np.float32)
             out[start : start + len(block)] = _unit_rows(block @ self.root.T + self.mean)
         return out
+
+
+MODELS = ("fit", "pooled")
+
+
+def distractor_model(real: RealVectors, which: str) -> GaussianModel:
+    """The Gaussian of ``"fit"`` (fit-set vectors only) or ``"pooled"`` (fit set + Paris)."""
+    if which == "fit":
+        return GaussianModel(real.fit, f"{len(real.fit)} fit-set vectors, disjoint from Paris")
+    pooled = np.concatenate([real.paris, real.fit])
+    return GaussianModel(pooled, f"{len(pooled)} vectors: paris6k-250 and the fit set pooled")
 
 
 def isotropic(n: int, dim: int, rng: np.random.Generator) -> np.ndarray:

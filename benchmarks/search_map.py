@@ -2,8 +2,9 @@
 binary codes against float vectors (the shape of the paper's Paris106k figure).
 
 The database is the 250 Paris images plus N realistic synthetic distractors (``ann_data.py``: draws
-of a Gaussian with the mean and covariance of real selret vectors), the very sets and indexes of
-``search_speed.py --data realistic`` (cached in ``--work-dir``). Queries are the 195 loo queries
+of a Gaussian with the mean and covariance of real selret vectors of images unrelated to Paris, or
+with ``--model pooled`` of those and the Paris images: an adversarial set), the very sets and
+indexes of ``search_speed.py --data realistic`` (cached in ``--work-dir``). Queries are the 195 loo queries
 (each image labelled ``ok`` for a landmark; its landmark's junk images and itself are left out of
 its ranking). Rows:
 
@@ -13,7 +14,7 @@ its ranking). Rows:
   hamming top-D     the binary codes alone, ranked by Hamming distance (no re-ranking)
 
 The binary codes of this script are learned without the Paris images: ITQ on the fit set (356
-UKBench + SMVS vectors), or on 10,000 distractor draws (``--itq-on synthetic``).
+UKBench + SMVS vectors), or on 10,000 draws of the distractor model (``--itq-on synthetic``).
 
     python benchmarks/search_map.py --work-dir /work/ann-cache --distractors 0,100000,1000000
 """
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import faiss
 import numpy as np
-from ann_data import DATA, GaussianModel, real_vectors, synthetic
+from ann_data import DATA, MODELS, distractor_model, real_vectors, synthetic
 from search_speed import build, data_key, database, default_cache
 
 from selret.evaluation.datasets import load_benchmark
@@ -124,6 +125,7 @@ def main() -> None:
         "--hamming", default="itq,random", help=f"code rotations: {BINARY_ROTATIONS}"
     )
     parser.add_argument("--itq-on", choices=["fit-set", "synthetic"], default="fit-set")
+    parser.add_argument("--model", choices=MODELS, default="fit", help="distractors fit on")
     parser.add_argument("--depth", type=int, default=1000, help="results per query")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--build-threads", type=int)
@@ -151,7 +153,7 @@ def main() -> None:
     if args.itq_on == "fit-set":
         itq_train = args.real.fit
     else:
-        model = GaussianModel(np.concatenate([args.real.paris, args.real.fit]), "pooled")
+        model = distractor_model(args.real, args.model)
         itq_train = np.asarray(
             synthetic("realistic", 10_000, args.dim, args.seed + 2, args.work_dir, model)
         )

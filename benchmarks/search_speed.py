@@ -11,10 +11,12 @@ core costs when the machine is shared) and in batches of 100, and recall@10 agai
 
 Data (see ``ann_data.py``): ``realistic`` = the 250 real paris6k-250 vectors of the default
 pre-trained encoder plus N synthetic distractors drawn from a Gaussian with the mean and covariance
-of real selret vectors; its queries are 200 further draws ("synth q") and the 250 real vectors
-("real q", each finds itself and its landmark). ``isotropic`` = N vectors uniform on the sphere,
-the worst case for approximate search. Sets of 100k and more, and the indexes built on them, are
-cached in ``--work-dir``: a rerun reloads them and reports the build time recorded at build.
+of real selret vectors of photos unrelated to Paris (``--model pooled``: of those and the Paris
+images); its queries are 200 further draws ("synth q") and the 250 real vectors ("real q", each
+finds itself and its landmark). ``isotropic`` = N vectors uniform on the sphere,
+the worst case for approximate search. Sets of 100k and more, and the approximate indexes built
+on them, are cached in ``--work-dir``: a rerun reloads them and reports the build time recorded
+at build (exact indexes are rebuilt: a copy of the vectors).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from pathlib import Path
 
 import faiss
 import numpy as np
-from ann_data import GaussianModel, real_vectors, synthetic
+from ann_data import MODELS, distractor_model, real_vectors, synthetic
 
 from selret.search.kernels import exact_top_k
 from selret.search.vectors import VectorIndex, choose_kind, recall_at_k
@@ -52,7 +54,7 @@ def database(data: str, n: int, args):
         }
         return x, queries, "uniform on the sphere"
     real = args.real
-    model = GaussianModel(np.concatenate([real.paris, real.fit]), "paris6k-250 + fit set pooled")
+    model = distractor_model(real, args.model)
     draws = synthetic("realistic", n, dim, args.seed, args.work_dir, model)
     x = np.concatenate([real.paris, draws])  # ids 0..249 are the paris images
     queries = {
@@ -65,7 +67,7 @@ def database(data: str, n: int, args):
 def data_key(data: str, n: int, args) -> str:
     """Names the cached files of one data set (the real vectors' digest for realistic sets)."""
     real = (
-        f"-{hashlib.sha256(args.real.paris.tobytes()).hexdigest()[:8]}"
+        f"-{args.model}-{hashlib.sha256(args.real.paris.tobytes()).hexdigest()[:8]}"
         if data == "realistic"
         else ""
     )
@@ -94,7 +96,8 @@ def build(kind: str, x: np.ndarray, key: str, args) -> tuple[VectorIndex, float,
     params = {"ef_construction": args.ef_construction} if kind == "hnsw" else {}
     path = args.work_dir / f"index-{key}-{kind}-{params_key(kind, params)}.vi"
     meta = path.with_suffix(".json")
-    if path.exists() and meta.exists() and not args.rebuild:
+    cache = len(x) >= 100_000 and kind != "exact"
+    if cache and path.exists() and meta.exists() and not args.rebuild:
         index = VectorIndex.load(path, kind=kind, **params)
         return index, json.loads(meta.read_text())["build_s"], path.stat().st_size
     faiss.omp_set_num_threads(args.build_threads or args.threads)
@@ -106,11 +109,11 @@ def build(kind: str, x: np.ndarray, key: str, args) -> tuple[VectorIndex, float,
     args.work_dir.mkdir(parents=True, exist_ok=True)
     index.save(path)
     size = path.stat().st_size
-    if len(x) >= 100_000:
+    if cache:
         meta.write_text(
             json.dumps({"build_s": build_s, "threads": args.build_threads or args.threads})
         )
-    else:
+    else:  # saved only to measure its size
         path.unlink()
     return index, build_s, size
 
@@ -201,6 +204,9 @@ def main() -> None:
     )
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--data", default="realistic,isotropic", help="realistic and/or isotropic")
+    parser.add_argument(
+        "--model", choices=MODELS, default="fit", help="realistic distractors fit on (ann_data.py)"
+    )
     parser.add_argument(
         "--kinds", default="exact,ivf,hnsw,binary,ivfpq", help="VectorIndex kinds, or auto"
     )

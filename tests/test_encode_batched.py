@@ -133,6 +133,8 @@ def test_encode_many_matches_encode_and_every_image_finds_itself(fitted, test_ma
     # beyond rounding, nor the order
     chunked = enc.encode_many(maps, batch_size=3, max_elements=5000)
     assert_same_vectors(chunked, many, enc.config.alpha)
+    # one map per batch: the very computation of encode(), bit for bit
+    np.testing.assert_array_equal(enc.encode_many(maps, batch_size=1), single)
     kept: list[float] = []
     threaded = enc.encode_many(maps, batch_size=2, workers=3, kept=kept)
     assert_same_vectors(threaded, many, enc.config.alpha)

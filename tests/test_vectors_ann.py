@@ -211,3 +211,34 @@ def test_binary_index_reranks_to_the_exact_top1_and_beats_hamming_order():
     index.k_factor = None  # back to the calibrated short list: shorter, still on target
     assert index.settings["k_factor"] < 50
     assert recall_at_k(index.search(q, 10)[1], truth, 10) >= 0.95  # measured 0.98 (k_factor 6)
+
+
+def test_calibration_warns_when_the_target_is_out_of_reach(caplog):
+    # Isotropic vectors coded by one 4-bit sub-quantizer: even every list and the longest short
+    # list tried cannot reach recall 0.999, and the user is told so.
+    x = np.random.default_rng(12).standard_normal((3000, D)).astype(np.float32)
+    index = VectorIndex(D, "ivf", pq_m=1, target_recall=0.999)
+    with caplog.at_level("WARNING", logger="selret.search.refined"):
+        index.add(x, np.arange(3000))
+    assert "falls short of the target" in caplog.text
+    assert index.settings["nprobe"] == index.settings["nlist"]  # the most effort is kept
+    assert index.settings["k_factor"] == 40  # the longest short list tried (4 x 10)
+
+
+def test_calibration_is_kept_in_the_file_and_redone_as_the_index_doubles(tmp_path):
+    x = clustered(3400, seed=13)
+    index = VectorIndex(D, "ivf", nlist=40)  # fixed lists: only the calibration changes
+    index.add(x[:900], np.arange(900))
+    assert index._index.calibrated == {} and index.settings["nprobe"] == 40  # all lists
+    index.add(x[900:1500], np.arange(900, 1500))  # past CALIBRATE_MIN: calibrated
+    first = index.settings
+    assert index._index.calibrated_at == 1500 and first["nprobe"] < 40
+    index.save(tmp_path / "v.faiss")
+    loaded = VectorIndex.load(tmp_path / "v.faiss")
+    assert loaded.settings == first and loaded._index.calibrated_at == 1500
+    loaded.add(x[1500:2900], np.arange(1500, 2900))  # under 2 x 1500: kept
+    assert loaded._index.calibrated_at == 1500
+    loaded.add(x[2900:], np.arange(2900, 3400))  # 3400 >= 2 x 1500: calibrated again
+    assert loaded._index.calibrated_at == 3400
+    index.nprobe = 7  # a value set by the user wins over calibration
+    assert index.settings["nprobe"] == 7

@@ -218,13 +218,13 @@ class EmbeddingWhitener:
     float64 row blocks), eigenvalues lambda_1 >= ... >= lambda_D in ``eigenvalues_``. Clamp:
     lambda_i <- max(lambda_i, lambda_{D - n_clamped + 1}) (1-based), so the ``n_clamped``
     smallest share one value (reference: 33 for T-emb, 129 for F-FAemb); with
-    ``n_clamped >= D`` every eigenvalue becomes lambda_1. ``projection_`` (D, D) is
+    ``n_clamped >= D`` every eigenvalue becomes lambda_1; eigenvalues <= ``rcond * lambda_1`` (no
+    variance in the samples: fewer samples than D) take the smallest larger one. ``projection_`` is
     V diag(lambda^-1/2) and ``transform(Phi) = (Phi - mean_) @ projection_``.
     """
 
-    # Floor on clamped eigenvalues relative to lambda_1: a rank-deficient covariance (fewer
-    # samples than D, or F-FAemb's constant trace) must not divide by zero.
-    rcond = 1e-10
+    # Eigenvalues <= rcond * lambda_1 count as 0: rounding gives ~1e-16 there, genuine small ones
+    rcond = 1e-10  # are 1e-7 and up (the shipped encoders: >= 3e-7)
 
     def __init__(self, n_clamped: int = 33, max_block_elements: int = 1 << 22):
         self.n_clamped = n_clamped
@@ -248,7 +248,8 @@ class EmbeddingWhitener:
             values_used = np.maximum(values, values[max(D - self.n_clamped, 0)])
         else:
             values_used = values
-        values_used = np.maximum(values_used, self.rcond * values[0])
+        # no variance learned there: 1/sqrt(rcond) would blow float32 rounding up to about 1e-3
+        values_used = np.maximum(values_used, values[values > self.rcond * values[0]][-1])
         self.mean_ = mean.astype(np.float32)
         self.eigenvalues_ = values
         self.projection_ = np.ascontiguousarray(vectors / np.sqrt(values_used), dtype=np.float32)

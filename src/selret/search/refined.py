@@ -24,6 +24,7 @@ the short list rebuilt on its learned parameters, once they exceed a quarter of 
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any, BinaryIO
 
 import faiss
@@ -33,6 +34,8 @@ from selret.search.arrays import effort_steps, recall_at_k
 from selret.search.kernels import exact_top_k, flat_vectors, rescore_top_k
 
 __all__ = ["RefinedIndex", "read_refined", "write_refined"]
+
+logger = logging.getLogger(__name__)
 
 MIN_K = 10
 """The short list is at least ``MIN_K * k_factor`` long: a top-1 is no easier than a top-10."""
@@ -145,10 +148,14 @@ class RefinedIndex:
         q = np.ascontiguousarray(rows[pick])
         truth = _without(exact_top_k(rows, q, MIN_K + 1)[1], pick)
 
+        recall = 0.0
+
         def reached(knob: str, value: int) -> bool:
+            nonlocal recall
             self._set(knob, value)
             found = _without(self._search_rows(q, MIN_K + 1)[1], pick)
-            return recall_at_k(found, truth, MIN_K) >= target
+            recall = recall_at_k(found, truth, MIN_K)
+            return recall >= target
 
         knob = self.shortlist.knob
         # A short list of over MAX_SHORTLIST re-ranked rows costs more than exact search of 20k.
@@ -163,6 +170,13 @@ class RefinedIndex:
                 lo, hi = (lo, mid) if reached(knob, values[mid]) else (mid + 1, hi)
             if reached(knob, values[lo]):
                 break
+        else:
+            logger.warning(
+                "%d vectors: recall@10 %.3f at the most effort (%s=%d, k_factor=%d) falls short of "
+                "the target %.3f; exact search (kind 'exact') or finer codes (larger pq_m) would "
+                "reach it",
+                len(rows), recall, knob, values[lo], self.k_factor, target,
+            )  # fmt: skip
         self.calibrated = {knob: int(values[lo])}
         if knob != "k_factor":
             self.calibrated["k_factor"] = self.k_factor
