@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from selret.features.backbones import load_backbone
+from selret.features.backbones import load_backbone, resolve_device
 from selret.features.extractor import DEFAULT_NUM_WORKERS, Extractor, cache_id
 from selret.files import list_images
 
@@ -253,8 +253,7 @@ def grid(args, batches: list[int], tmp: Path) -> list[dict]:
     """Raw forward at 1024 x 768 (scaled to ``--max-side``) for each precision, memory format and
     batch size; then, per precision, the overlapped pipeline on ``--grid-images`` synthetic JPEGs
     at that precision's fastest setting, as a fraction of that raw figure."""
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else ("cpu" if args.device == "auto" else args.device))  # fmt: skip
+    device = resolve_device(args.device)
     dtypes = ["float32", "bfloat16"] + (["float16"] if device.type == "cuda" else [])
     scale = args.max_side / 1024
     size = (round(768 * scale), args.max_side)

@@ -209,7 +209,10 @@ def _decode(
     """
     with _open_source(source, label) as fh, _open_image(fh, label) as img:
         width, height = img.size
-        if img.format != "JPEG":  # no reduced decoding: the header size is what gets decoded
+        # Checked before the EXIF read (a PNG's decodes every pixel); a JPEG under draft is
+        # checked at its reduced size below instead, which needs the orientation first.
+        reducible = draft is not None and img.format == "JPEG"
+        if not reducible:
             _check_pixels(label, width, height, img.size, max_pixels)
         transposed = _transposed(img)
         size = (width, height) if transposed else (height, width)
@@ -221,7 +224,8 @@ def _decode(
             if request is not None:
                 # A no-op for formats without reduced decoding; for JPEG it changes img.size.
                 img.draft(None, request)
-        _check_pixels(label, width, height, img.size, max_pixels)
+        if reducible:
+            _check_pixels(label, width, height, img.size, max_pixels)
         if min(width, height) < min_side:
             raise ImageTooSmallError(
                 label, f"{width} x {height} px; each side must be >= {min_side} px"
