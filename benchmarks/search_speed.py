@@ -2,8 +2,9 @@
 
 For each data set and size, builds each index kind (defaults, or the settings given) and prints one
 row per kind and search setting: build time, bytes per vector (saved file, about its RAM), the bytes
-each query scans per vector, ms per query one at a time (wall and CPU: the CPU figure is what one
-core costs when the machine is shared) and in batches of 100, and recall@10 against exact search.
+each query scans per vector, ms per query one at a time (mean and median wall time, and mean CPU
+time: on a shared machine the median and the CPU figure are the fairer ones) and in batches of 100,
+and recall@10 against exact search.
 
     python benchmarks/search_speed.py --quick                       # 20k, well under a minute
     python benchmarks/search_speed.py --work-dir /work/ann-cache    # 100k and 1M x 512
@@ -119,19 +120,19 @@ def build(kind: str, x: np.ndarray, key: str, args) -> tuple[VectorIndex, float,
 
 
 def time_search(index: VectorIndex, q: np.ndarray, batch: int, n: int, budget_s: float):
-    """(wall ms, CPU ms) per query over up to ``n`` queries in batches of ``batch`` (at least one
-    batch, at most ``budget_s`` seconds)."""
+    """(mean wall ms, median wall ms, mean CPU ms) per query over up to ``n`` queries in batches
+    of ``batch`` (at least one batch, at most ``budget_s`` seconds). The median of the batches'
+    per-query times shrugs off the stalls that other processes cause on a shared machine."""
     index.search(q[:batch], K)  # warm-up: first touch of memory, thread pool start
-    wall = cpu = 0.0
-    done = 0
-    while done < n and (wall < budget_s or not done):
+    walls, cpu, done = [], 0.0, 0
+    while done < n and (sum(walls) < budget_s or not done):
         chunk = q[done % len(q) :][:batch]
         w0, c0 = time.perf_counter(), time.process_time()
         index.search(chunk, K)
-        wall += time.perf_counter() - w0
+        walls.append((time.perf_counter() - w0) / len(chunk))
         cpu += time.process_time() - c0
         done += len(chunk)
-    return wall / done * 1e3, cpu / done * 1e3
+    return sum(walls) / len(walls) * 1e3, float(np.median(walls)) * 1e3, cpu / done * 1e3
 
 
 def settings(index: VectorIndex, args) -> list[dict]:
@@ -169,25 +170,25 @@ def run(data: str, n: int, args) -> None:
     )
     names = list(queries)
     print(
-        "| kind | build s | B/vec | scanned B/vec | ms/q b=1 | CPU ms/q b=1 | ms/q b=100 | "
+        "| kind | build s | B/vec | scanned B/vec | ms/q b=1 | median | CPU ms/q b=1 | ms/q b=100 | "
         + " | ".join(f"recall@{K} {name}" for name in names)
         + " | settings |"
     )
-    print("|---" * (8 + len(names)) + "|")
+    print("|---" * (9 + len(names)) + "|")
     for kind in args.kinds:
         index, build_s, size = build(kind, x, key, args)
         for setting in settings(index, args):
             for attr, value in setting.items():
                 setattr(index, attr, value)
             q = queries["synth q"]
-            single, single_cpu = time_search(index, q, 1, args.single, args.budget)
-            batched, _ = time_search(index, q, 100, len(q) * args.repeats, args.budget)
+            single, median, single_cpu = time_search(index, q, 1, args.single, args.budget)
+            batched = time_search(index, q, 100, len(q) * args.repeats, args.budget)[0]
             recalls = [recall_at_k(index.search(queries[m], K)[1], truth[m], K) for m in names]
             detail, scanned = describe(index)
             label = kind if kind == index.index_kind else f"{kind}->{index.index_kind}"
             print(
                 f"| {label} | {build_s:.1f} | {size / len(x):.0f} | {scanned} | {single:.2f} | "
-                f"{single_cpu:.2f} | {batched:.3f} | "
+                f"{median:.2f} | {single_cpu:.2f} | {batched:.3f} | "
                 + " | ".join(f"{r:.3f}" for r in recalls)
                 + f" | {detail} |",
                 flush=True,
