@@ -11,7 +11,9 @@ from selret.threads import describe_pools, limit_threads, set_threads
 
 
 @pytest.fixture
-def restore_threads():
+def restore_threads(monkeypatch):
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.delenv(var, raising=False)  # set_threads sets them; put them back afterwards
     with limit_threads(max(1, torch.get_num_threads())):  # puts every pool back afterwards
         yield
 
@@ -69,3 +71,35 @@ def test_cli_help_keeps_bracketed_defaults():
     assert top.exit_code == 0 and "[default: all cores]" in top.output
     fit = runner.invoke(app, ["fit", "--help"], env={"COLUMNS": "200"})
     assert fit.exit_code == 0 and "[preset: max]" in fit.output
+
+
+def test_encode_runs_blas_on_one_thread_and_gives_the_pool_back(restore_threads, monkeypatch):
+    # selret --threads 2 used to run the encoder's small products on a 2-thread BLAS: several
+    # times the CPU for nothing. encode_many now holds numpy's BLAS at 1 thread during the call.
+    from test_encoder import synthetic_maps
+
+    import selret.encoding.encoder as encoder_module
+    from selret.encoding.encoder import Encoder, EncoderConfig
+
+    maps = synthetic_maps(6, seed=3)
+    enc = Encoder(EncoderConfig(embedding="temb", d=16, k=10, kmeans_iters=3, rotation="none"))
+    enc.fit(maps)
+    seen: list[int] = []
+    real = encoder_module.encode_local
+
+    def numpy_blas_threads() -> int:
+        # numpy's own BLAS (faiss brings an OpenMP one, whose size is per calling thread)
+        (pool,) = [p for p in threadpool_info() if "numpy" in p["filepath"]]
+        return pool["num_threads"]
+
+    def spy(plan, batch, device):
+        seen.append(numpy_blas_threads())
+        return real(plan, batch, device)
+
+    monkeypatch.setattr(encoder_module, "encode_local", spy)
+    set_threads(2)
+    assert numpy_blas_threads() == 2
+    enc.encode_many(maps, batch_size=2)
+    enc.encode_many(maps, batch_size=2, workers=2)
+    assert seen == [1] * 6
+    assert numpy_blas_threads() == 2

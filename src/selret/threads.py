@@ -11,9 +11,13 @@ machine want one thread each. :func:`set_threads` limits all of them for the res
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 
-__all__ = ["describe_pools", "limit_threads", "set_threads"]
+__all__ = ["describe_pools", "limit_threads", "set_threads", "single_threaded_blas"]
+
+
+_POOL_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def _check(n: int) -> int:
@@ -35,6 +39,10 @@ def set_threads(n: int) -> None:
     from threadpoolctl import threadpool_limits
 
     _check(n)
+    # Libraries loaded later (scipy, sklearn, cv2 each bring their own BLAS / OpenMP) size their
+    # pools from these variables when they load; the ones already loaded are limited below.
+    for var in _POOL_VARIABLES:
+        os.environ[var] = str(n)
     _set_torch_faiss(n, n)
     threadpool_limits(limits=n)  # not used as a context manager: the limit stays
 
@@ -54,6 +62,28 @@ def limit_threads(n: int) -> Iterator[None]:
             yield
     finally:
         _set_torch_faiss(*old)
+
+
+_blas_controller = None
+
+
+def single_threaded_blas():
+    """A ``with`` block in which the BLAS pools numpy uses run on one thread (their size comes
+    back after it). For the many small products of encoding: on more than one thread they cost
+    several times the CPU (a partner thread spins at every barrier), 8x on the 2-core machine
+    here (benchmarks/RESULTS.md). About 25 us per block: the pools are looked up once per
+    process (threadpoolctl's ``threadpool_limits`` looks them up each time, about 0.5 ms).
+    Blocks on several threads at once may leave the pool at 1 until the last one ends."""
+    global _blas_controller
+    import sys
+
+    from threadpoolctl import ThreadpoolController
+
+    # A native library comes with an import, so the pools are looked up again when the module
+    # count changed (scipy, sklearn and cv2 each bring their own BLAS).
+    if _blas_controller is None or _blas_controller[0] != len(sys.modules):
+        _blas_controller = (len(sys.modules), ThreadpoolController())
+    return _blas_controller[1].limit(limits=1, user_api="blas")
 
 
 def describe_pools() -> str:

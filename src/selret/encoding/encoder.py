@@ -40,6 +40,7 @@ from selret.encoding.postprocessing import Rotation, l2_normalize, postprocess
 from selret.encoding.preprocessing import LocalPCA, check_is_fitted
 from selret.encoding.presets import DEFAULT_PRESET, preset
 from selret.features import FeatureMap
+from selret.threads import single_threaded_blas
 
 ROTATIONS = ("rotation", "whitening", "none")
 _LEARNED = ("pca_", "embedder_", "rotation_")
@@ -335,10 +336,11 @@ class Encoder:
         stage after the masks runs there. ``kept``, a list, gets each map's fraction of kept
         local features appended.
 
-        ``workers`` > 1 (numpy path): that many threads encode batches side by side, each with a
-        single-threaded BLAS (the process's BLAS pool is limited to 1 thread during the call).
-        The products of one image are too small for a multi-threaded BLAS to pay; on a busy
-        machine its threads spin and cost several times the single-threaded CPU time.
+        The numpy path always runs BLAS on one thread (``selret.threads.single_threaded_blas``,
+        whatever ``selret --threads`` says): the products of one image are too small for a
+        multi-threaded BLAS to pay, and its threads spin at every barrier, at several times the
+        single-threaded CPU cost. ``workers`` > 1: that many threads encode batches side by
+        side instead, each with its one-thread BLAS.
         """
         plan = self._plan()
         device = encoding_device(device)
@@ -359,10 +361,13 @@ class Encoder:
             if batch:
                 yield batch
 
-        if workers > 1 and device is None:
+        if device is not None:
+            out = [encode_local(plan, batch, device) for batch in batches()]
+        elif workers > 1:
             out = _encode_in_threads(plan, batches(), workers)
         else:
-            out = [encode_local(plan, batch, device) for batch in batches()]
+            with single_threaded_blas():
+                out = [encode_local(plan, batch, None) for batch in batches()]
         return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
 
     # ------------------------------------------------------------------ persistence
@@ -440,11 +445,9 @@ def _encode_in_threads(plan: EncodePlan, batches: Iterable, workers: int) -> lis
     at most ``2 * workers`` batches are selected ahead, so memory stays bounded."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from threadpoolctl import threadpool_limits
-
     out: list[np.ndarray] = []
     pending: collections.deque = collections.deque()
-    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
+    with single_threaded_blas(), ThreadPoolExecutor(workers) as pool:
         for batch in batches:
             pending.append(pool.submit(encode_local, plan, batch, None))
             if len(pending) >= 2 * workers:
