@@ -19,10 +19,10 @@ from typer.testing import CliRunner
 
 from selret.cli import app
 from selret.errors import ExitCode, IndexLockTimeout, NoImagesError
-from selret.files import sha256_of
+from selret.files import file_stamp, sha256_of
 from selret.search import storage
 from selret.search.engine import SearchEngine, normalise_path
-from selret.search.store import ImageIndex
+from selret.search.store import FILE_STAMP, ImageIndex
 from selret.search.verify import verify_engine
 
 
@@ -76,6 +76,43 @@ def test_add_reencodes_a_changed_file_under_a_new_id(engine, tmp_path):
     assert (top.path, top.id) == (key(db[1]), new.id) and top.score == pytest.approx(1, abs=1e-4)
     reopened = SearchEngine.open(eng.root)
     assert reopened.index.get(key(db[1])).sha256 == sha256_of(db[1])
+
+
+def test_files_with_their_recorded_stamp_are_not_read_again(engine, tmp_path):
+    eng, db = engine
+    assert eng.index.get(key(db[0])).metadata[FILE_STAMP] == file_stamp(db[0])
+    report = eng.add_images(db, progress=False)
+    assert (report.skipped, report.hashed, report.updated) == (6, 0, 0)
+    # touched: same content, new mtime -> read and hashed, still unchanged
+    st = db[0].stat()
+    os.utime(db[0], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    report = eng.add_images(db, progress=False)
+    assert (report.skipped, report.hashed, report.updated) == (6, 1, 0)
+    # nothing else changed, so no save just to record the new stamp: it is hashed again ...
+    assert eng.add_images(db, progress=False).hashed == 1
+    # ... until the index is saved anyway (a new file here): then the new stamp is recorded
+    extra = make_images(tmp_path / "more", 1, seed=11)
+    report = eng.add_images(db + extra, progress=False)
+    assert (report.added, report.hashed, report.skipped) == (1, 2, 6)
+    assert SearchEngine.open(eng.root).add_images(db + extra, progress=False).hashed == 0
+
+
+def test_rehash_finds_a_change_that_kept_size_mtime_and_inode(engine):
+    eng, db = engine
+    st = db[3].stat()
+    data = bytearray(db[3].read_bytes())
+    data[-3] ^= 0xFF  # inside the image data, same length: still decodes (or fails) as itself
+    with open(db[3], "r+b") as fh:  # in place: same inode
+        fh.write(bytes(data))
+    os.utime(db[3], ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert file_stamp(db[3]) == eng.index.get(key(db[3])).metadata[FILE_STAMP]
+    assert eng.add_images(db, progress=False).skipped == 6  # the stamp says unchanged
+    report = eng.add_images(db, progress=False, rehash=True)
+    assert report.hashed == 6 and report.skipped + report.updated + report.removed == 6
+    assert report.skipped == 5
+    assert run("index", "verify", "--index", eng.root).exit_code == 0
+    r = run("index", "add", db[0].parent, "--index", eng.root, "--rehash")
+    assert r.exit_code == 0 and "updated 0" in r.stdout, r.output
 
 
 def test_a_changed_file_that_no_longer_decodes_loses_its_stale_entry(engine):

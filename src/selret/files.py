@@ -9,14 +9,13 @@ reaches the point ``NAME``.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 import signal
 import stat
 import tempfile
 import threading
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -219,27 +218,60 @@ def sha256_of(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def file_digest(path: str | Path) -> str:
-    """sha256 (hex) of the bytes of image file ``path``; ImageNotFoundError when it cannot be read.
-
-    A file whose stat (size, mtime, inode) is unchanged is not read again within one process.
-    """
+def _regular_file_stat(path: str | Path) -> tuple[Path, os.stat_result]:
+    """(resolved path, its stat); ImageNotFoundError if it is missing or not a regular file."""
     p = Path(path).expanduser()
     try:
         resolved = p.resolve()
         st = resolved.stat()
-        # Checked before opening: reading a FIFO would block until someone writes to it.
-        if not stat.S_ISREG(st.st_mode):
-            raise ImageNotFoundError(p, file_type_reason(st.st_mode))
-        return _content_digest(str(resolved), st.st_size, st.st_mtime_ns, st.st_ino)
     except OSError as exc:
         raise ImageNotFoundError(p, f"cannot read file: {exc.strerror or exc}") from None
+    # Checked before opening: reading a FIFO would block until someone writes to it.
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageNotFoundError(p, file_type_reason(st.st_mode))
+    return resolved, st
+
+
+def file_stamp(path: str | Path) -> list[int]:
+    """[size, mtime in ns, inode] of image file ``path`` (after links): what ``index add`` compares
+    to decide, without reading the file, that it has not changed since it was hashed.
+    ImageNotFoundError when it is missing or not a regular file."""
+    st = _regular_file_stat(path)[1]
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+
+def file_digest(path: str | Path, fresh: bool = False) -> str:
+    """sha256 (hex) of the bytes of image file ``path``; ImageNotFoundError when it cannot be read.
+
+    A file whose stat (size, mtime, inode) is unchanged is not read again within one process,
+    unless ``fresh``: then it is read, and what it holds now is what later calls get (so the
+    feature cache, keyed by this digest, follows a change that kept the stat).
+    """
+    resolved, st = _regular_file_stat(path)
+    key = (str(resolved), st.st_size, st.st_mtime_ns, st.st_ino)
+    if not fresh:
+        with _digests_lock:
+            if key in _digests:
+                _digests.move_to_end(key)
+                return _digests[key]
+    try:
+        digest = sha256_of(resolved)
+    except OSError as exc:
+        raise ImageNotFoundError(
+            Path(path).expanduser(), f"cannot read file: {exc.strerror or exc}"
+        ) from None
+    with _digests_lock:
+        _digests[key] = digest
+        _digests.move_to_end(key)
+        if len(_digests) > _MAX_DIGESTS:
+            _digests.popitem(last=False)
+    return digest
 
 
 # Bounded: a long-lived process (a server indexing millions of files) must not keep every digest.
-@functools.lru_cache(maxsize=1 << 16)
-def _content_digest(resolved: str, size: int, mtime_ns: int, inode: int) -> str:
-    return sha256_of(resolved)
+_MAX_DIGESTS = 1 << 16
+_digests: OrderedDict[tuple, str] = OrderedDict()
+_digests_lock = threading.Lock()
 
 
 def _fsync_dir(path: Path) -> None:

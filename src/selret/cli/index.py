@@ -118,13 +118,21 @@ def build(
     typer.echo(f"{engine_dir}: {len(engine.index)} images, {encoder!r}")
 
 
-def _update_command(args, index_dir, cache, lock_timeout, sync: bool) -> None:
+REHASH_HELP = (
+    "Read and hash every file, also those whose size, mtime and inode are as recorded "
+    "(by default these are taken as unchanged without being read)."
+)
+
+
+def _update_command(args, index_dir, cache, lock_timeout, sync: bool, rehash: bool) -> None:
     from selret.search.engine import SearchEngine
 
     engine_dir, images = _targets(args, index_dir)
     engine = SearchEngine.open(engine_dir, cache_dir=cache)  # fails fast on a bad index
     paths = _images(images)
-    waits = dict(lock_timeout=lock_timeout, on_wait=_waiting(engine_dir, lock_timeout))
+    waits = dict(
+        lock_timeout=lock_timeout, on_wait=_waiting(engine_dir, lock_timeout), rehash=rehash
+    )
     if sync:
         folder = images if images.is_dir() else None
         report = engine.sync_images(paths, folder=folder, **waits)
@@ -142,10 +150,12 @@ def add(
     lock_timeout: float = typer.Option(
         DEFAULT_LOCK_TIMEOUT, "--lock-timeout", min=0, help=LOCK_TIMEOUT_HELP
     ),
+    rehash: bool = typer.Option(False, "--rehash", help=REHASH_HELP),
 ) -> None:
     """Add images to an index: new files are encoded, files whose content (sha256) changed are
-    re-encoded ("updated"), unchanged ones are skipped."""
-    _update_command(args, index_dir, cache, lock_timeout, sync=False)
+    re-encoded ("updated"), unchanged ones are skipped. A file whose size, mtime and inode are
+    those recorded when it was hashed is not read again (--rehash reads every file)."""
+    _update_command(args, index_dir, cache, lock_timeout, sync=False, rehash=rehash)
 
 
 @index_app.command("sync")
@@ -156,11 +166,12 @@ def sync(
     lock_timeout: float = typer.Option(
         DEFAULT_LOCK_TIMEOUT, "--lock-timeout", min=0, help=LOCK_TIMEOUT_HELP
     ),
+    rehash: bool = typer.Option(False, "--rehash", help=REHASH_HELP),
 ) -> None:
     """Bring an index in step with IMAGES: as `index add`, and also remove the entries of deleted
     files (indexed images under the IMAGES folder, or listed in the IMAGES list file, whose file
     no longer exists). Entries from elsewhere are left alone."""
-    _update_command(args, index_dir, cache, lock_timeout, sync=True)
+    _update_command(args, index_dir, cache, lock_timeout, sync=True, rehash=rehash)
 
 
 @index_app.command("remove")

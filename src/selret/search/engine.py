@@ -25,10 +25,10 @@ from selret.encoding.encoder import Encoder
 from selret.errors import ImageError, IndexExistsError, NoImagesError, NotAnIndexError
 from selret.features.extractor import Extractor
 from selret.features.io import image_size
-from selret.files import crash_point, file_digest
+from selret.files import crash_point, file_digest, file_stamp
 from selret.search import storage
 from selret.search.hits import SearchHit
-from selret.search.store import ImageIndex
+from selret.search.store import FILE_STAMP, ImageIndex
 
 ENCODER_FILE = "encoder.npz"
 INDEX_DIR = "index"
@@ -43,6 +43,7 @@ class AddReport:
     failed: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     updated: int = 0  # indexed, content changed (or no sha256 recorded): re-encoded
     removed: int = 0  # files gone (sync), or changed files that no longer decode
+    hashed: int = 0  # files read to hash them (the others' stamps were unchanged)
 
     def summary(self) -> str:
         return (
@@ -182,6 +183,7 @@ class SearchEngine:
         device: str | None = None,
         lock_timeout: float | None = None,
         on_wait: Callable[[str], object] | None = None,
+        rehash: bool = False,
     ) -> AddReport:
         """Encode and index image files that are new or whose content (sha256) changed.
 
@@ -191,8 +193,14 @@ class SearchEngine:
         live index under the writer lock (``lock_timeout``, ``on_wait``: see
         :meth:`ImageIndex.updating`), so a concurrent writer neither fails this one nor loses
         its own work.
+
+        An indexed file whose stamp (size, mtime in ns, inode: ``selret.files.file_stamp``) is
+        the one recorded when it was hashed is taken as unchanged without being read, as rsync
+        and make do; ``rehash`` reads and hashes every file regardless (for a file rewritten
+        within one mtime tick at the same size, or a file system whose mtimes cannot be
+        trusted). ``SearchEngine.verify`` always hashes.
         """
-        return self._update(paths, None, False, progress, device, lock_timeout, on_wait)
+        return self._update(paths, None, False, progress, device, lock_timeout, on_wait, rehash)
 
     def sync_images(
         self,
@@ -202,28 +210,41 @@ class SearchEngine:
         device: str | None = None,
         lock_timeout: float | None = None,
         on_wait: Callable[[str], object] | None = None,
+        rehash: bool = False,
     ) -> AddReport:
         """:meth:`add_images`, and remove the entries of files that are gone: indexed images
         under ``folder`` that are not among ``paths``, and those of ``paths`` whose file no
         longer exists. Entries outside ``folder`` and not in ``paths`` are left alone."""
         if not paths:
             raise NoImagesError(folder, "no images found; nothing to sync the index with")
-        return self._update(paths, folder, True, progress, device, lock_timeout, on_wait)
+        return self._update(paths, folder, True, progress, device, lock_timeout, on_wait, rehash)
 
-    def _update(self, paths, folder, prune, progress, device, lock_timeout, on_wait) -> AddReport:
+    def _update(
+        self, paths, folder, prune, progress, device, lock_timeout, on_wait, rehash
+    ) -> AddReport:
         keys = list(dict.fromkeys(normalise_path(p) for p in paths))
-        recorded = self.index.sha256s(keys)
-        report, digests, todo, gone = AddReport(), {}, [], []
+        recorded = self.index.file_records(keys)
+        report, digests, stamps, todo, gone = AddReport(), {}, {}, [], []
+        restamp = {}  # unchanged content under a new stamp: recorded if the index is saved
         for key in keys:
+            old = recorded.get(key)
             try:
-                digests[key] = file_digest(key)
+                # The stamp is taken before the hash: a file changed after it gets a new
+                # stamp, so the next run reads it again.
+                stamps[key] = file_stamp(key)
+                if not rehash and old and old.sha256 and old.stamp == stamps[key]:
+                    report.skipped += 1
+                    continue
+                digests[key] = file_digest(key, fresh=rehash)
+                report.hashed += 1
             except ImageError:
                 if prune and not os.path.exists(key):
                     gone.append(key)
                     continue
                 digests[key] = None  # unreadable: the extractor reports why
-            if recorded.get(key) is not None and recorded[key] == digests[key]:
+            if old is not None and old.sha256 is not None and old.sha256 == digests[key]:
                 report.skipped += 1
+                restamp[key] = stamps[key]
             else:
                 todo.append(key)
         if folder is not None and prune:
@@ -231,7 +252,7 @@ class SearchEngine:
             gone += [
                 p for _, p, _ in self.index.entries() if p.startswith(under) and p not in listed
             ]
-        paths_done, vectors, meta = self._encode(todo, digests, report, progress, device)
+        paths_done, vectors, meta = self._encode(todo, digests, stamps, report, progress, device)
         # A changed file that no longer decodes: its old vector describes content that is gone.
         failed = {p for p, _ in report.failed}
         stale = [p for p in todo if p in failed and digests[p] is not None and p in recorded]
@@ -240,9 +261,11 @@ class SearchEngine:
             self._merge(paths_done, vectors, meta, report)
             # Only entries whose file is really gone (checked now, under the lock) are dropped.
             report.removed += self.index.remove(stale + [p for p in gone if not os.path.exists(p)])
+            if restamp and self.index.dirty:  # never a save (a copy of every vector) for this alone
+                self.index.set_file_stamps(restamp)
         return report
 
-    def _encode(self, todo, digests, report, progress, device):
+    def _encode(self, todo, digests, stamps, report, progress, device):
         """(paths, vectors, metadata) of the files of ``todo`` that encode; failures go to
         ``report``."""
         if not todo:
@@ -261,7 +284,14 @@ class SearchEngine:
                 continue
             paths.append(str(p))
             rows.append(i)
-            meta.append({"height": height, "width": width, "sha256": digests.get(str(p))})
+            meta.append(
+                {
+                    "height": height,
+                    "width": width,
+                    "sha256": digests.get(str(p)),
+                    FILE_STAMP: stamps.get(str(p)),
+                }
+            )
         return paths, vectors[rows], meta
 
     def _merge(self, paths, vectors, meta, report) -> None:

@@ -19,7 +19,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -35,7 +35,7 @@ from selret.search.hits import SearchHit, search_hits
 from selret.search.storage import FORMAT_VERSION, chunks
 from selret.search.vectors import VectorIndex, as_matrix
 
-__all__ = ["FORMAT_VERSION", "ImageIndex", "ImageRecord"]
+__all__ = ["FILE_STAMP", "FORMAT_VERSION", "FileRecord", "ImageIndex", "ImageRecord"]
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,15 @@ class ImageRecord:
 
 
 _RESERVED_METADATA = ("content_sha1", "width", "height", "sha256")
+#: Metadata key of a file's [size, mtime_ns, inode] when it was hashed (``selret.files.file_stamp``).
+FILE_STAMP = "file_stamp"
+
+
+class FileRecord(NamedTuple):
+    """What the catalog recorded of an indexed file (None: not recorded)."""
+
+    sha256: str | None
+    stamp: list[int] | None
 
 
 def _opt(kind: type, value: Any) -> Any:
@@ -271,6 +280,11 @@ class ImageIndex:
         """The name of the state directory this handle holds."""
         return self._state
 
+    @property
+    def dirty(self) -> bool:
+        """Whether this handle holds changes not saved yet."""
+        return self._dirty
+
     def _ids_of_paths(self, paths: Sequence[str]) -> dict[str, int]:
         found: dict[str, int] = {}
         for chunk in chunks(paths):
@@ -305,6 +319,37 @@ class ImageIndex:
                 sql = f"SELECT path, sha256 FROM images WHERE path IN ({marks})"
                 found.update(self._db.execute(sql, chunk))
         return found
+
+    def file_records(self, paths: Iterable[str | os.PathLike]) -> dict[str, FileRecord]:
+        """{path: (recorded sha256, recorded file stamp)} for those of ``paths`` that are indexed;
+        either may be None (unknown: indexed before selret recorded it)."""
+        wanted = list(dict.fromkeys(os.fspath(p) for p in paths))
+        found: dict[str, FileRecord] = {}
+        with self._lock:
+            for chunk in chunks(wanted):
+                marks = ",".join("?" * len(chunk))
+                sql = f"SELECT path, sha256, metadata FROM images WHERE path IN ({marks})"
+                for path, sha256, metadata in self._db.execute(sql, chunk):
+                    found[path] = FileRecord(sha256, json.loads(metadata).get(FILE_STAMP))
+        return found
+
+    def set_file_stamps(self, stamps: dict[str, list[int]]) -> int:
+        """Record new file stamps of indexed paths whose content was found unchanged (touched,
+        copied back); saved with the next save. Returns how many rows changed."""
+        changed = 0
+        with self._lock, self._db:
+            for chunk in chunks(list(stamps)):
+                marks = ",".join("?" * len(chunk))
+                sql = f"SELECT id, path, metadata FROM images WHERE path IN ({marks})"
+                for id_, path, metadata in list(self._db.execute(sql, chunk)):
+                    extra = json.loads(metadata)
+                    if extra.get(FILE_STAMP) != stamps[path]:
+                        extra[FILE_STAMP] = stamps[path]
+                        sql = "UPDATE images SET metadata = ? WHERE id = ?"
+                        self._db.execute(sql, (json.dumps(extra), id_))
+                        changed += 1
+            self._dirty = self._dirty or changed > 0
+        return changed
 
     def entries(self) -> list[tuple[int, str, str | None]]:
         """Every catalog row as (id, path, sha256), by id."""

@@ -104,7 +104,7 @@ def verify_engine(root: str | os.PathLike) -> VerifyReport:
             report.missing.append((path, "file not found"))
             continue
         try:
-            digest = file_digest(path)
+            digest = file_digest(path, fresh=True)  # the file as it is now, never a memo
         except ImageError as exc:
             report.missing.append((path, exc.reason))
             continue
