@@ -95,6 +95,8 @@ def params_key(kind: str, params: dict) -> str:
 def build(kind: str, x: np.ndarray, key: str, args) -> tuple[VectorIndex, float, int]:
     """(index, build seconds, saved bytes); large indexes are saved to and reloaded from the work dir."""
     params = {"ef_construction": args.ef_construction} if kind == "hnsw" else {}
+    if kind in ("ivf", "ivfpq") and getattr(args, "pq_m", None):
+        params["pq_m"] = args.pq_m
     path = args.work_dir / f"index-{key}-{kind}-{params_key(kind, params)}.vi"
     meta = path.with_suffix(".json")
     cache = len(x) >= 100_000 and kind != "exact"
@@ -221,6 +223,9 @@ def main() -> None:
         "--nprobe", type=ints, help="ivf / ivfpq lists visited (default: the kind's)"
     )
     parser.add_argument("--k-factor", type=ints, help="ivf short list per result")
+    parser.add_argument(
+        "--pq-m", type=int, help="ivf / ivfpq PQ sub-quantizers (default: the kind's)"
+    )
     parser.add_argument("--binary-k-factor", type=ints, help="binary short list per result")
     parser.add_argument("--ef", type=ints, help="HNSW efSearch values")
     parser.add_argument("--ef-construction", type=int, default=100)

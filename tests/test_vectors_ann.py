@@ -221,6 +221,7 @@ def test_calibration_warns_when_the_target_is_out_of_reach(caplog):
     with caplog.at_level("WARNING", logger="selret.search.refined"):
         index.add(x, np.arange(3000))
     assert "falls short of the target" in caplog.text
+    assert caplog.text.count("k_factor=") == 1  # the effort, each knob named once
     assert index.settings["nprobe"] == index.settings["nlist"]  # the most effort is kept
     assert index.settings["k_factor"] == 40  # the longest short list tried (4 x 10)
 

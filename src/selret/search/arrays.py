@@ -55,11 +55,18 @@ def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray, k: int) -> float:
     return float(np.mean(recalls)) if recalls else 1.0
 
 
+EFFORT_STEP = 1.1
+"""Ratio between the efforts calibration can choose. Search time grows with the effort, so the
+step is what calibration may overshoot by: at 20 % steps a 1M x 512 ``ivf`` index got nprobe 572
+where 480 reached the target (5.5 against ~4.5 ms per query); one more bisection step of 500
+sample searches is the price of 10 %."""
+
+
 def effort_steps(top: int) -> list[int]:
-    """Increasing integers from 1 to ``top`` in steps of about 20 %."""
+    """Increasing integers from 1 to ``top``, each about ``EFFORT_STEP`` times the one before."""
     steps = {top}
     value = 1.0
     while value < top:
         steps.add(int(value))
-        value = max(value * 1.2, value + 1)
+        value = max(value * EFFORT_STEP, value + 1)
     return sorted(steps)

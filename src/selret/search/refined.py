@@ -135,7 +135,7 @@ class RefinedIndex:
         returns the settings chosen (also kept in :attr:`calibrated`).
 
         Each sampled vector is searched for its ``MIN_K + 1`` nearest rows and its own row left
-        out; the truth is exact search over all rows. Recall grows with the effort, so ~1.2x steps
+        out; the truth is exact search over all rows. Recall grows with the effort, so ~1.1x steps
         of it are bisected: a handful of sample searches, each cheaper than the exact one. When
         even the most effort falls short (the codes, not the lists, lose the neighbours), the
         next of ``k_factors`` (longer short lists) is tried; failing all, the most is kept.
@@ -171,11 +171,13 @@ class RefinedIndex:
             if reached(knob, values[lo]):
                 break
         else:
+            effort = f"{knob}={values[lo]}"
+            if knob != "k_factor":
+                effort += f", k_factor={self.k_factor}"
             logger.warning(
-                "%d vectors: recall@10 %.3f at the most effort (%s=%d, k_factor=%d) falls short of "
-                "the target %.3f; exact search (kind 'exact') or finer codes (larger pq_m) would "
-                "reach it",
-                len(rows), recall, knob, values[lo], self.k_factor, target,
+                "%d vectors: recall@10 %.3f at the most effort (%s) falls short of the target "
+                "%.3f; exact search (kind 'exact') or finer codes (larger pq_m) would reach it",
+                len(rows), recall, effort, target,
             )  # fmt: skip
         self.calibrated = {knob: int(values[lo])}
         if knob != "k_factor":
