@@ -68,12 +68,13 @@ _blas_controller = None
 
 
 def single_threaded_blas():
-    """A ``with`` block in which the BLAS pools numpy uses run on one thread (their size comes
-    back after it). For the many small products of encoding: on more than one thread they cost
-    several times the CPU (a partner thread spins at every barrier), 8x on the 2-core machine
-    here (benchmarks/RESULTS.md). About 25 us per block: the pools are looked up once per
-    process (threadpoolctl's ``threadpool_limits`` looks them up each time, about 0.5 ms).
-    Blocks on several threads at once may leave the pool at 1 until the last one ends."""
+    """A ``with`` block in which the BLAS pools run on one thread (their size comes back after
+    it). For the many small products of encoding: on more than one thread they cost several
+    times the CPU (a partner thread spins at every barrier), 8x on the 2-core machine here
+    (benchmarks/RESULTS.md). Pools already at one thread are not touched: setting an OpenBLAS
+    pool's size, even to the size it has, made the next products 0.6 ms slower (a 6 ms encode
+    on one thread became 6.6 ms). Blocks on several threads at once may leave a pool at 1 until
+    the last one ends."""
     global _blas_controller
     import sys
 
@@ -82,8 +83,12 @@ def single_threaded_blas():
     # A native library comes with an import, so the pools are looked up again when the module
     # count changed (scipy, sklearn and cv2 each bring their own BLAS).
     if _blas_controller is None or _blas_controller[0] != len(sys.modules):
-        _blas_controller = (len(sys.modules), ThreadpoolController())
-    return _blas_controller[1].limit(limits=1, user_api="blas")
+        blas = ThreadpoolController().select(user_api="blas")
+        _blas_controller = (len(sys.modules), blas)
+    blas = _blas_controller[1]
+    if all(lib.get_num_threads() == 1 for lib in blas.lib_controllers):
+        return contextlib.nullcontext()
+    return blas.limit(limits=1)
 
 
 def describe_pools() -> str:
