@@ -243,3 +243,13 @@ def test_calibration_is_kept_in_the_file_and_redone_as_the_index_doubles(tmp_pat
     assert loaded._index.calibrated_at == 3400
     index.nprobe = 7  # a value set by the user wins over calibration
     assert index.settings["nprobe"] == 7
+
+
+def test_a_small_ivf_trains_without_a_flood_of_faiss_warnings(capfd):
+    # 300 vectors give each 16-centroid sub-quantizer fewer than faiss's 39 points per centroid;
+    # faiss used to print one warning line per sub-quantizer (16 here, 256 at 512-D).
+    x = clustered(300, seed=5)
+    index = VectorIndex(D, "ivf")
+    index.add(x, np.arange(300))
+    assert "WARNING" not in capfd.readouterr().err
+    assert (index.search(x[:5], 1)[1][:, 0] == np.arange(5)).all()

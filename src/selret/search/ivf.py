@@ -24,6 +24,10 @@ def _train(index, x: np.ndarray, seed: int) -> None:
     for clustering in (index.cp, index.pq.cp):
         clustering.seed = seed
         clustering.max_points_per_centroid = _TRAIN_POINTS_PER_CENTROID
+    # The PQ of a small collection learns from fewer than faiss's 39 points per centroid, which
+    # faiss would warn about once per sub-quantizer (256 lines at 512-D); its recall is what
+    # calibration measures, and the size floor is ``_check_training``'s.
+    index.pq.cp.min_points_per_centroid = 1
     with blas_brute_force():  # k-means assigns by brute force: BLAS is 10x faster from 20 queries
         index.train(x)
 
