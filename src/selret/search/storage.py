@@ -1,7 +1,8 @@
 """The files of an :class:`~selret.search.store.ImageIndex` directory: state directories, the
 ``CURRENT`` pointer, the writer lock and the catalog schema (with the migration of older formats).
 
-Everything here works on paths; :mod:`selret.search.store` holds the in-memory index. The writers of
+Also the catalog's row format (:class:`ImageRecord`, :func:`catalog_row`). Everything else here
+works on paths; :mod:`selret.search.store` holds the in-memory index. The writers of
 one save are module-level functions so that tests can make them fail mid-save.
 """
 
@@ -14,7 +15,9 @@ import shutil
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -53,6 +56,66 @@ CREATE TABLE IF NOT EXISTS images (
 """
 COLUMNS = "id, path, content_sha1, width, height, added_at, metadata, sha256"
 SQL_CHUNK = 900  # bound parameters per statement, under SQLite's oldest limit (999)
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One catalog row. ``added_at`` is an ISO-8601 UTC timestamp; ``sha256`` is the digest of the
+    file's bytes when it was encoded (None for images indexed by selret before format 2, or added
+    without one)."""
+
+    id: int
+    path: str
+    content_sha1: str | None
+    width: int | None
+    height: int | None
+    added_at: str
+    metadata: dict[str, Any]
+    sha256: str | None = None
+
+
+_RESERVED_METADATA = ("content_sha1", "width", "height", "sha256")
+#: Metadata key of a file's [size, mtime_ns, inode] when it was hashed (``selret.files.file_stamp``).
+FILE_STAMP = "file_stamp"
+
+
+class FileRecord(NamedTuple):
+    """What the catalog recorded of an indexed file (None: not recorded)."""
+
+    sha256: str | None
+    stamp: list[int] | None
+
+
+def _opt(kind: type, value: Any) -> Any:
+    # SQLite binds Python scalars only (not numpy ones); None stays NULL.
+    return None if value is None else kind(value)
+
+
+INSERT = (
+    "INSERT INTO images (path, content_sha1, width, height, added_at, metadata, sha256) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def catalog_row(path: str, meta: dict | None, added_at: str) -> tuple:
+    """The catalog row of one image (``INSERT``'s parameters)."""
+    extra = dict(meta or {})
+    sha1, width, height, sha256 = (extra.pop(name, None) for name in _RESERVED_METADATA)
+    return (
+        path,
+        _opt(str, sha1),
+        _opt(int, width),
+        _opt(int, height),
+        added_at,
+        json.dumps(extra),
+        _opt(str, sha256),
+    )
+
+
+def image_record(row: tuple) -> ImageRecord:
+    """An :class:`ImageRecord` of a row selected as ``storage.COLUMNS``."""
+    id_, path, sha1, width, height, added_at, metadata, sha256 = row
+    return ImageRecord(id_, path, sha1, width, height, added_at, json.loads(metadata), sha256)
 
 
 def chunks(items: Sequence, size: int = SQL_CHUNK) -> Iterator[Sequence]:

@@ -17,9 +17,8 @@ import shutil
 import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
@@ -32,43 +31,10 @@ from selret.errors import (
 from selret.files import crash_point
 from selret.search import storage
 from selret.search.hits import SearchHit, search_hits
-from selret.search.storage import FORMAT_VERSION, chunks
+from selret.search.storage import FILE_STAMP, FORMAT_VERSION, FileRecord, ImageRecord, chunks
 from selret.search.vectors import VectorIndex, as_matrix
 
 __all__ = ["FILE_STAMP", "FORMAT_VERSION", "FileRecord", "ImageIndex", "ImageRecord"]
-
-
-@dataclass(frozen=True)
-class ImageRecord:
-    """One catalog row. ``added_at`` is an ISO-8601 UTC timestamp; ``sha256`` is the digest of the
-    file's bytes when it was encoded (None for images indexed by selret before format 2, or added
-    without one)."""
-
-    id: int
-    path: str
-    content_sha1: str | None
-    width: int | None
-    height: int | None
-    added_at: str
-    metadata: dict[str, Any]
-    sha256: str | None = None
-
-
-_RESERVED_METADATA = ("content_sha1", "width", "height", "sha256")
-#: Metadata key of a file's [size, mtime_ns, inode] when it was hashed (``selret.files.file_stamp``).
-FILE_STAMP = "file_stamp"
-
-
-class FileRecord(NamedTuple):
-    """What the catalog recorded of an indexed file (None: not recorded)."""
-
-    sha256: str | None
-    stamp: list[int] | None
-
-
-def _opt(kind: type, value: Any) -> Any:
-    # SQLite binds Python scalars only (not numpy ones); None stays NULL.
-    return None if value is None else kind(value)
 
 
 class ImageIndex:
@@ -299,7 +265,7 @@ class ImageIndex:
             marks = ",".join("?" * len(chunk))
             sql = f"SELECT {storage.COLUMNS} FROM images WHERE id IN ({marks})"
             for row in self._db.execute(sql, chunk):
-                records[row[0]] = _record(row)
+                records[row[0]] = storage.image_record(row)
         return records
 
     def missing(self, paths: Iterable[str | os.PathLike]) -> list[str]:
@@ -399,14 +365,14 @@ class ImageIndex:
                 if key in seen or (key in indexed and not replace):
                     continue
                 seen.add(key)  # a path repeated in this batch is added once
-                rows.append(_row(key, meta, added_at))
+                rows.append(storage.catalog_row(key, meta, added_at))
                 keep.append(i)
             if not rows:
                 return []
             old = sorted(indexed[k] for k in seen if k in indexed)
             with self._db:  # one transaction: rolled back if the vectors cannot be changed
                 self._delete_rows(old)
-                ids = [self._db.execute(_INSERT, row).lastrowid for row in rows]
+                ids = [self._db.execute(storage.INSERT, row).lastrowid for row in rows]
                 self._vectors.add(x[keep], np.asarray(ids, np.int64))
                 try:
                     if old:
@@ -481,33 +447,6 @@ class ImageIndex:
 
     def __repr__(self) -> str:
         return f"ImageIndex({str(self.root)!r}, count={len(self)}, kind={self._manifest['kind']!r})"
-
-
-_INSERT = (
-    "INSERT INTO images (path, content_sha1, width, height, added_at, metadata, sha256) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?)"
-)
-
-
-def _row(path: str, meta: dict | None, added_at: str) -> tuple:
-    """The catalog row of one image (``_INSERT``'s parameters)."""
-    extra = dict(meta or {})
-    sha1, width, height, sha256 = (extra.pop(name, None) for name in _RESERVED_METADATA)
-    return (
-        path,
-        _opt(str, sha1),
-        _opt(int, width),
-        _opt(int, height),
-        added_at,
-        json.dumps(extra),
-        _opt(str, sha256),
-    )
-
-
-def _record(row: tuple) -> ImageRecord:
-    """An :class:`ImageRecord` of a row selected as ``storage.COLUMNS``."""
-    id_, path, sha1, width, height, added_at, metadata, sha256 = row
-    return ImageRecord(id_, path, sha1, width, height, added_at, json.loads(metadata), sha256)
 
 
 def _check_fingerprint(
