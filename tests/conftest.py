@@ -41,3 +41,16 @@ def real_backbone():
     from selret.features.backbones import load_backbone
 
     return load_backbone("vgg16-caffe", "pool5", device="cpu")
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_back():
+    """Put torch's thread count back after each test. A test that runs a benchmark's ``main``
+    (``--threads 1``) used to leave the whole rest of the session on one thread, which made the
+    real-data extraction tests after it take twice as long."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != before:
+        torch.set_num_threads(before)
