@@ -198,7 +198,7 @@ class SearchEngine:
         the one recorded when it was hashed is taken as unchanged without being read, as rsync
         and make do; ``rehash`` reads and hashes every file regardless (for a file rewritten
         within one mtime tick at the same size, or a file system whose mtimes cannot be
-        trusted). ``SearchEngine.verify`` always hashes.
+        trusted). ``selret.search.verify.verify_engine`` always hashes.
         """
         return self._update(paths, None, False, progress, device, lock_timeout, on_wait, rehash)
 

@@ -277,14 +277,7 @@ class ImageIndex:
 
     def sha256s(self, paths: Iterable[str | os.PathLike]) -> dict[str, str | None]:
         """{path: recorded sha256 (None if unknown)} for those of ``paths`` that are indexed."""
-        wanted = list(dict.fromkeys(os.fspath(p) for p in paths))
-        found: dict[str, str | None] = {}
-        with self._lock:
-            for chunk in chunks(wanted):
-                marks = ",".join("?" * len(chunk))
-                sql = f"SELECT path, sha256 FROM images WHERE path IN ({marks})"
-                found.update(self._db.execute(sql, chunk))
-        return found
+        return {path: record.sha256 for path, record in self.file_records(paths).items()}
 
     def file_records(self, paths: Iterable[str | os.PathLike]) -> dict[str, FileRecord]:
         """{path: (recorded sha256, recorded file stamp)} for those of ``paths`` that are indexed;
